@@ -1,0 +1,1 @@
+"""Offline preparation: dataset builders and weight conversion."""

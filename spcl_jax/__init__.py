@@ -1,0 +1,2 @@
+"""spcl_jax: SPCL (semantic prototype-based contrastive learning) for domain
+adaptive semantic segmentation, in JAX/Flax."""

@@ -1,0 +1,101 @@
+"""Model registry: `create_model(name, num_classes, **kw)` and
+`load_pretrained(directory, name, num_classes, rng)`.
+
+Keyword arguments of `create_model`:
+  bn_trainable: False (default) freezes BatchNorm (statistics and affine);
+    True uses batch statistics under train=True (global over a sharded batch).
+  dtype: compute dtype, jnp.float32 (default) or jnp.bfloat16; parameters
+    stay float32 and the outputs are float32.
+  aspp_rates: ASPP v2 dilation rates, default (6, 12, 18, 24).
+  base_width: ResNet stem width (default 64); smaller values make the CPU
+    demo model cheaper (and are incompatible with ImageNet weights).
+"""
+
+from typing import NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from spcl_jax.models import porting
+from spcl_jax.models.deeplab import ASPPv2, DeepLabV2
+from spcl_jax.models.discriminator import Discriminator
+from spcl_jax.models.layers import BatchNorm
+
+
+class ModelSpec(NamedTuple):
+  arch: str            # key of porting.BACKBONES (the ImageNet weights it takes)
+  backbone_kw: tuple   # fixed keyword arguments of the backbone
+
+
+MODELS = {
+    'deeplabv2_resnet101': ModelSpec('resnet101', ()),
+    'deeplabv2_resnet50': ModelSpec('resnet50', ()),
+    # The CPU demo member: dilated ResNet-18 (BasicBlocks), 512 features.
+    # At 128x256 input and base_width 64 it costs ~14 GFLOPs per image forward
+    # (layer4 runs at stride 8); base_width=16 cuts that ~16x.
+    'deeplabv2_resnet18': ModelSpec('resnet18', ()),
+    'deeplabv2_vgg16': ModelSpec('vgg16', ()),
+}
+
+_BACKBONE_KW = ('bn_trainable', 'dtype', 'base_width')
+_HEAD_KW = ('aspp_rates',)
+
+
+def check_name(name: str) -> ModelSpec:
+  if name not in MODELS:
+    raise ValueError(f'unknown model {name!r}; known models: '
+                     f'{", ".join(sorted(MODELS))}')
+  return MODELS[name]
+
+
+def create_model(name: str, num_classes: int, **kw) -> DeepLabV2:
+  """The Flax module `name` with a `num_classes`-way ASPP v2 classifier."""
+  spec = check_name(name)
+  unknown = sorted(set(kw) - set(_BACKBONE_KW) - set(_HEAD_KW))
+  if unknown:
+    raise TypeError(f'create_model({name!r}): unknown keyword arguments '
+                    f'{unknown}; accepted: {sorted(_BACKBONE_KW + _HEAD_KW)}')
+  if 'base_width' in kw and spec.arch == 'vgg16':
+    raise TypeError(f'create_model({name!r}): base_width applies to ResNets')
+  backbone_kw = {k: v for k, v in kw.items() if k in _BACKBONE_KW}
+  head_kw = {k: v for k, v in kw.items() if k in _HEAD_KW}
+  dtype = kw.get('dtype', jnp.float32)
+  backbone = porting.BACKBONES[spec.arch].make(**dict(spec.backbone_kw),
+                                               **backbone_kw)
+  return DeepLabV2(backbone, num_classes, dtype=dtype, **head_kw)
+
+
+def init_variables(model: DeepLabV2, rng: jax.Array, image_size=(64, 64)):
+  """Fresh variables {"params", "batch_stats"} (float32) of `model`."""
+  images = jnp.zeros((1, *image_size, 3), jnp.float32)
+  return flax.core.unfreeze(jax.jit(model.init, static_argnames='train')(
+      rng, images, train=False))
+
+
+def load_pretrained(directory: str, name: str, num_classes: int,
+                    rng: jax.Array, **kw):
+  """Variables of `create_model(name, num_classes, **kw)` whose backbone holds
+  the weights converted by `python -m data_prep.port_torchvision` into
+  `directory`, and whose head (ASPP; VGG's fc6/fc7) is freshly initialised."""
+  spec = check_name(name)
+  metadata, ported = porting.restore_ported(directory)
+  if metadata['arch'] != spec.arch:
+    raise ValueError(f'{directory} holds {metadata["arch"]} weights but '
+                     f'{name} needs {spec.arch}; convert them with '
+                     f'`python -m data_prep.port_torchvision --arch '
+                     f'{spec.arch} --src FILE.pth --dst DIR`')
+  variables = init_variables(create_model(name, num_classes, **kw), rng)
+  fresh = flax.traverse_util.flatten_dict(variables)
+  for path, value in flax.traverse_util.flatten_dict(ported).items():
+    target = (path[0], 'backbone', *path[1:])
+    if target not in fresh or fresh[target].shape != value.shape:
+      raise ValueError(f'{directory}: ported leaf {"/".join(path)} of shape '
+                       f'{value.shape} does not fit {name} (base_width must '
+                       'be the default 64 to take ImageNet weights)')
+    fresh[target] = jnp.asarray(value, jnp.float32)
+  return flax.traverse_util.unflatten_dict(fresh)
+
+
+__all__ = ['ASPPv2', 'BatchNorm', 'DeepLabV2', 'Discriminator', 'MODELS',
+           'create_model', 'init_variables', 'load_pretrained']

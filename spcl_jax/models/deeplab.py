@@ -1,0 +1,47 @@
+"""DeepLab-v2: a dilated backbone followed by the ASPP v2 classifier."""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from spcl_jax.models.layers import conv
+
+Dtype = Any
+
+
+class ASPPv2(nn.Module):
+  """Four parallel 3x3 convolutions N -> C with dilation = padding = each rate,
+  outputs **summed** (all four; AdaptSegNet's early return after two branches
+  is a bug we do not reproduce). Weights N(0, 0.01), bias 0."""
+  num_classes: int
+  rates: Sequence[int] = (6, 12, 18, 24)
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    out = None
+    for i, rate in enumerate(self.rates):
+      y = conv(self.num_classes, 3, dilation=rate, use_bias=True,
+               dtype=self.dtype, name=f'branch{i}',
+               kernel_init=nn.initializers.normal(stddev=0.01))(x)
+      out = y if out is None else out + y
+    return out
+
+
+class DeepLabV2(nn.Module):
+  """`apply(variables, images, train=False)` with images [B, H, W, 3] returns
+  {"features": [B, h, w, N] (backbone output, before the classifier),
+   "logits": [B, h, w, C]}, both float32, at output stride 8."""
+  backbone: nn.Module
+  num_classes: int
+  aspp_rates: Sequence[int] = (6, 12, 18, 24)
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    features = self.backbone(images, train)
+    logits = ASPPv2(self.num_classes, self.aspp_rates, self.dtype,
+                    name='classifier')(features)
+    return {'features': features.astype(jnp.float32),
+            'logits': logits.astype(jnp.float32)}

@@ -1,0 +1,82 @@
+"""Building blocks shared by the backbones: convolution with torch-style
+explicit padding, and a BatchNorm with a frozen and a trainable mode."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# PyTorch's BatchNorm2d defaults: eps 1e-5, running-average momentum 0.1
+# (flax convention: new = momentum * old + (1 - momentum) * batch).
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9
+
+
+def conv(features: int, kernel: int, stride: int = 1, dilation: int = 1,
+         padding: int | None = None, use_bias: bool = False,
+         dtype: Dtype = jnp.float32, name: str | None = None,
+         kernel_init=nn.initializers.kaiming_normal(),
+         bias_init=nn.initializers.zeros) -> nn.Conv:
+  """A 2-D convolution with PyTorch's explicit symmetric padding.
+
+  The default padding `dilation * (kernel - 1) // 2` is torchvision's rule for
+  odd kernels ("same" at stride 1); parameters are always float32.
+  """
+  if padding is None:
+    padding = dilation * (kernel - 1) // 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((padding, padding), (padding, padding)),
+                 kernel_dilation=(dilation, dilation), use_bias=use_bias,
+                 dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
+                 bias_init=bias_init, name=name)
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over the channel (last) axis with two modes.
+
+  trainable=False ("frozen", stages 1, 4 of the recipe): running statistics are
+    always used, never updated, and the affine parameters receive no gradient
+    (`stop_gradient`), whatever `train` says.
+  trainable=True: under `train=True` the batch statistics are used and the
+    running statistics updated like PyTorch (unbiased variance in the running
+    average). Under `jax.jit` with the batch sharded over a mesh, the mean over
+    the batch axis is the mean over the *global* batch (XLA inserts the
+    cross-device reduction), which is SyncBatchNorm's behaviour.
+  Normalisation is computed in float32 and cast back to `dtype`.
+  """
+  trainable: bool = False
+  epsilon: float = BN_EPSILON
+  momentum: float = BN_MOMENTUM
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    channels = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (channels,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (channels,), jnp.float32)
+    ra_mean = self.variable('batch_stats', 'mean',
+                            lambda: jnp.zeros((channels,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var',
+                           lambda: jnp.ones((channels,), jnp.float32))
+    x32 = x.astype(jnp.float32)
+    if self.trainable and train:
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(x32, axis=axes)
+      var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+      if not self.is_initializing():
+        count = x32.size // channels
+        unbiased = var * count / max(count - 1, 1)
+        ra_mean.value = (self.momentum * ra_mean.value
+                         + (1.0 - self.momentum) * jax.lax.stop_gradient(mean))
+        ra_var.value = (self.momentum * ra_var.value
+                        + (1.0 - self.momentum) * jax.lax.stop_gradient(unbiased))
+    else:
+      mean, var = ra_mean.value, ra_var.value
+      if not self.trainable:
+        scale = jax.lax.stop_gradient(scale)
+        bias = jax.lax.stop_gradient(bias)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    return y.astype(self.dtype)

@@ -1,0 +1,188 @@
+"""Mapping torchvision ImageNet state dicts onto our Flax backbones.
+
+`port_state_dict(arch, state_dict)` returns `{"params": ..., "batch_stats":
+...}` for the backbone of `arch` (see `BACKBONES`) or raises `PortingError`
+listing every missing, unexpected or mis-shaped key. `save_ported` /
+`restore_ported` hold the on-disk layout of converted weights:
+
+  DIR/metadata.json   {"arch", "source", "source_sha256", "not_loaded", ...}
+  DIR/weights/        orbax StandardCheckpointer tree of the backbone
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Callable, Mapping, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from spcl_jax.models import resnet as resnet_lib
+from spcl_jax.models import vgg as vgg_lib
+
+METADATA_FILE = 'metadata.json'
+WEIGHTS_DIR = 'weights'
+
+
+class Backbone(NamedTuple):
+  make: Callable[..., flax.linen.Module]     # **kw -> backbone module
+  torch_prefix: Callable[[tuple], str]       # flax module path -> torch prefix
+  torch_keys_not_loaded: tuple               # torch keys deliberately skipped
+  fresh_modules: tuple = ()                  # our modules with no torch source
+
+
+BACKBONES = {
+    'resnet18': Backbone(lambda **kw: resnet_lib.resnet(18, **kw),
+                         resnet_lib.torch_prefix,
+                         resnet_lib.TORCH_KEYS_NOT_LOADED),
+    'resnet50': Backbone(lambda **kw: resnet_lib.resnet(50, **kw),
+                         resnet_lib.torch_prefix,
+                         resnet_lib.TORCH_KEYS_NOT_LOADED),
+    'resnet101': Backbone(lambda **kw: resnet_lib.resnet(101, **kw),
+                          resnet_lib.torch_prefix,
+                          resnet_lib.TORCH_KEYS_NOT_LOADED),
+    'vgg16': Backbone(lambda **kw: vgg_lib.VGG16(**kw), vgg_lib.torch_prefix,
+                      vgg_lib.TORCH_KEYS_NOT_LOADED,
+                      fresh_modules=('fc6', 'fc7')),
+}
+
+# our leaf name -> (torch leaf name, conversion of the torch array)
+_LEAVES = {
+    'kernel': ('weight', lambda w: np.transpose(w, (2, 3, 1, 0))),  # OIHW->HWIO
+    'bias': ('bias', lambda b: b),
+    'scale': ('weight', lambda w: w),
+    'mean': ('running_mean', lambda m: m),
+    'var': ('running_var', lambda v: v),
+}
+
+
+class PortingError(ValueError):
+  """A state dict that does not fit the architecture; lists offending keys."""
+
+  def __init__(self, arch, missing, unexpected, mismatched):
+    self.missing, self.unexpected, self.mismatched = (missing, unexpected,
+                                                      mismatched)
+    lines = [f'the state dict does not fit torchvision {arch}:']
+    if missing:
+      lines.append(f'  missing keys ({len(missing)}): ' + ', '.join(missing))
+    if unexpected:
+      lines.append(f'  unexpected keys ({len(unexpected)}): '
+                   + ', '.join(unexpected))
+    for key, got, want in mismatched:
+      lines.append(f'  wrong shape for {key}: got {got}, expected {want}')
+    super().__init__('\n'.join(lines))
+
+
+def check_arch(arch: str) -> Backbone:
+  if arch not in BACKBONES:
+    raise ValueError(f'unknown architecture {arch!r}; known: '
+                     f'{", ".join(sorted(BACKBONES))}')
+  return BACKBONES[arch]
+
+
+def backbone_shapes(arch: str):
+  """Abstract {"params", "batch_stats"} of the backbone of `arch`."""
+  module = check_arch(arch).make()
+  return jax.eval_shape(module.init, jax.random.key(0),
+                        jnp.zeros((1, 64, 64, 3), jnp.float32))
+
+
+def _torch_shape(leaf: str, shape: tuple) -> tuple:
+  """The torchvision shape of one of our leaves (kernels are HWIO here)."""
+  if leaf == 'kernel':
+    return (shape[3], shape[2], shape[0], shape[1])
+  return tuple(shape)
+
+
+def _ported_leaves(arch: str):
+  """{flat path: abstract leaf} of the backbone leaves that come from torch."""
+  fresh = check_arch(arch).fresh_modules
+  flat = flax.traverse_util.flatten_dict(
+      flax.core.unfreeze(backbone_shapes(arch)))
+  return {path: leaf for path, leaf in flat.items() if path[-2] not in fresh}
+
+
+def port_state_dict(arch: str, state_dict: Mapping[str, np.ndarray]):
+  """torchvision state dict (numpy values) -> our backbone variables."""
+  backbone = check_arch(arch)
+  ported, expected = {}, set()
+  missing, mismatched = [], []
+  for path, abstract in _ported_leaves(arch).items():
+    module_path, leaf = path[1:-1], path[-1]
+    torch_leaf, convert = _LEAVES[leaf]
+    key = f'{backbone.torch_prefix(module_path)}.{torch_leaf}'
+    expected.add(key)
+    if key not in state_dict:
+      missing.append(key)
+      continue
+    value = convert(np.asarray(state_dict[key], np.float32))
+    if value.shape != abstract.shape:
+      mismatched.append((key, tuple(np.shape(state_dict[key])),
+                         _torch_shape(leaf, abstract.shape)))
+      continue
+    ported[path] = value
+  ignored = set(backbone.torch_keys_not_loaded)
+  unexpected = sorted(k for k in state_dict
+                      if k not in expected and k not in ignored
+                      and not k.endswith('num_batches_tracked'))
+  if missing or unexpected or mismatched:
+    raise PortingError(arch, sorted(missing), unexpected, mismatched)
+  return flax.traverse_util.unflatten_dict(ported)
+
+
+def save_ported(dst: str, arch: str, variables, metadata: dict) -> None:
+  """Writes DIR/{metadata.json, weights/} atomically: everything goes to a
+  temporary sibling directory first, renamed onto `dst` only when complete."""
+  dst = os.path.abspath(dst)
+  parent = os.path.dirname(dst)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(dst)}.tmp-', dir=parent)
+  try:
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(tmp, WEIGHTS_DIR), variables)
+    checkpointer.wait_until_finished()
+    with open(os.path.join(tmp, METADATA_FILE), 'w') as f:
+      json.dump({'arch': arch, **metadata}, f, indent=2, sort_keys=True)
+    os.rename(tmp, dst)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def restore_ported(directory: str):
+  """(metadata, {"params", "batch_stats"}) of a directory made by the porter."""
+  directory = os.path.abspath(directory)
+  meta_path = os.path.join(directory, METADATA_FILE)
+  if not os.path.isfile(meta_path):
+    raise FileNotFoundError(
+        f'{meta_path} not found: {directory} is not a directory written by '
+        '`python -m data_prep.port_torchvision --arch ARCH --src FILE.pth '
+        '--dst DIR`')
+  with open(meta_path) as f:
+    metadata = json.load(f)
+  abstract = flax.traverse_util.unflatten_dict(
+      _ported_leaves(check_arch_of(metadata, meta_path)))
+  restored = ocp.StandardCheckpointer().restore(
+      os.path.join(directory, WEIGHTS_DIR), abstract)
+  return metadata, restored
+
+
+def check_arch_of(metadata: dict, where: str) -> str:
+  arch = metadata.get('arch')
+  if arch not in BACKBONES:
+    raise ValueError(f'{where}: field "arch" is {arch!r}; expected one of '
+                     f'{", ".join(sorted(BACKBONES))}')
+  return arch
+
+
+def sha256_of(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      digest.update(chunk)
+  return digest.hexdigest()

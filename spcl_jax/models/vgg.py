@@ -1,0 +1,82 @@
+"""DeepLab-v2 VGG-16: torchvision's `vgg16().features` without pool4 and
+pool5, conv5_x dilated by 2, then fc6 / fc7 as dilated 3x3 convolutions.
+
+Pooling is torchvision's 2x2/2 max-pool (rounds down), so an H x W input
+gives floor(H / 8) x floor(W / 8) features.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from spcl_jax.models.layers import conv
+
+Dtype = Any
+
+# (name, out channels, dilation, torchvision `features` index), in order;
+# 'pool' entries are 2x2/2 max-pools.
+VGG16_TRUNK = (
+    ('conv1_1', 64, 1, 0), ('conv1_2', 64, 1, 2), 'pool',
+    ('conv2_1', 128, 1, 5), ('conv2_2', 128, 1, 7), 'pool',
+    ('conv3_1', 256, 1, 10), ('conv3_2', 256, 1, 12), ('conv3_3', 256, 1, 14),
+    'pool',
+    ('conv4_1', 512, 1, 17), ('conv4_2', 512, 1, 19), ('conv4_3', 512, 1, 21),
+    # pool4 removed
+    ('conv5_1', 512, 2, 24), ('conv5_2', 512, 2, 26), ('conv5_3', 512, 2, 28),
+    # pool5 removed
+)
+
+
+class VGG16Trunk(nn.Module):
+  """The convolutional trunk up to conv5_3 (+ReLU), output stride 8."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.astype(self.dtype)
+    for layer in VGG16_TRUNK:
+      if layer == 'pool':
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      else:
+        name, channels, dilation, _ = layer
+        x = nn.relu(conv(channels, 3, dilation=dilation, use_bias=True,
+                         dtype=self.dtype, name=name)(x))
+    return x
+
+
+class VGG16(nn.Module):
+  """Trunk + fc6 (3x3, 512->1024, dilation 4) + fc7 (3x3, 1024->1024,
+  dilation 4), ReLU after each; fc6/fc7 are always freshly initialised."""
+  fc_dilation: int = 4
+  fc_width: int = 1024
+  bn_trainable: bool = False  # VGG-16 has no BatchNorm; accepted for symmetry.
+  dtype: Dtype = jnp.float32
+
+  @property
+  def num_features(self) -> int:
+    return self.fc_width
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train  # no BatchNorm, no dropout
+    x = VGG16Trunk(self.dtype, name='trunk')(x)
+    for name in ('fc6', 'fc7'):
+      x = nn.relu(conv(self.fc_width, 3, dilation=self.fc_dilation,
+                       use_bias=True, dtype=self.dtype, name=name)(x))
+    return x
+
+
+def torch_prefix(path: Sequence[str]) -> str:
+  """torchvision state-dict prefix of a flax module path of `VGG16`:
+  ('trunk', 'conv5_3') -> 'features.28'."""
+  if len(path) != 2 or path[0] != 'trunk':
+    raise KeyError(f'no torchvision counterpart for VGG16 module {path}')
+  index = {layer[0]: layer[3] for layer in VGG16_TRUNK if layer != 'pool'}
+  return f'features.{index[path[1]]}'
+
+
+# torchvision keys the backbone deliberately does not load: the classifier
+# (fc6 / fc7 here are dilated convolutions of other shapes, freshly initialised).
+TORCH_KEYS_NOT_LOADED = tuple(f'classifier.{i}.{leaf}' for i in (0, 3, 6)
+                              for leaf in ('weight', 'bias'))

@@ -1,0 +1,95 @@
+"""Frozen and trainable BatchNorm."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from spcl_jax.models import create_model, init_variables
+from spcl_jax.models.layers import BatchNorm
+
+X = np.random.RandomState(0).randn(4, 5, 6, 3).astype(np.float32) * 2 + 1
+
+
+def _variables():
+  return {'params': {'scale': jnp.array([1.5, 0.5, 2.0]),
+                     'bias': jnp.array([0.1, -0.2, 0.3])},
+          'batch_stats': {'mean': jnp.array([0.2, -0.1, 0.5]),
+                          'var': jnp.array([1.2, 0.8, 2.5])}}
+
+
+def test_frozen_batchnorm_has_zero_affine_gradient_and_fixed_stats():
+  bn = BatchNorm(trainable=False)
+  variables = _variables()
+
+  def loss(params):
+    out, updates = bn.apply({**variables, 'params': params}, X, train=True,
+                            mutable=['batch_stats'])
+    return jnp.sum(out ** 2), updates
+
+  grads, updates = jax.grad(loss, has_aux=True)(variables['params'])
+  assert np.all(np.asarray(grads['scale']) == 0)
+  assert np.all(np.asarray(grads['bias']) == 0)
+  for name in ('mean', 'var'):
+    np.testing.assert_array_equal(updates['batch_stats'][name],
+                                  variables['batch_stats'][name])
+  # and it normalises with the running statistics, train or not
+  out = bn.apply(variables, X, train=True, mutable=['batch_stats'])[0]
+  s = variables['batch_stats']
+  expected = ((X - s['mean']) / np.sqrt(s['var'] + 1e-5)
+              * variables['params']['scale'] + variables['params']['bias'])
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_trainable_batchnorm_matches_torch_training_mode():
+  bn = BatchNorm(trainable=True)
+  variables = _variables()
+  out, updates = bn.apply(variables, X, train=True, mutable=['batch_stats'])
+  torch_bn = torch.nn.BatchNorm2d(3, eps=1e-5, momentum=0.1).train()
+  with torch.no_grad():
+    torch_bn.weight.copy_(torch.tensor(np.asarray(variables['params']['scale'])))
+    torch_bn.bias.copy_(torch.tensor(np.asarray(variables['params']['bias'])))
+    torch_bn.running_mean.copy_(
+        torch.tensor(np.asarray(variables['batch_stats']['mean'])))
+    torch_bn.running_var.copy_(
+        torch.tensor(np.asarray(variables['batch_stats']['var'])))
+    expected = torch_bn(torch.from_numpy(X).permute(0, 3, 1, 2))
+  np.testing.assert_allclose(out, expected.permute(0, 2, 3, 1).numpy(),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(updates['batch_stats']['mean'],
+                             torch_bn.running_mean.numpy(), rtol=1e-6)
+  np.testing.assert_allclose(updates['batch_stats']['var'],
+                             torch_bn.running_var.numpy(), rtol=1e-6)
+  # affine parameters get gradients in trainable mode
+  grads = jax.grad(lambda p: jnp.sum(bn.apply(
+      {**variables, 'params': p}, X, train=True,
+      mutable=['batch_stats'])[0] ** 3))(variables['params'])
+  assert np.abs(np.asarray(grads['scale'])).min() > 0
+
+
+def test_trainable_batchnorm_uses_global_batch_when_sharded():
+  """8 devices, batch sharded: the statistics equal the one-device ones."""
+  model = create_model('deeplabv2_resnet18', 5, bn_trainable=True,
+                       base_width=8)
+  variables = init_variables(model, jax.random.key(0))
+  images = np.random.RandomState(0).randn(8, 32, 40, 3).astype(np.float32)
+  images[:4] += 3.0  # make the per-shard statistics differ from the global
+
+  def step(variables, images):
+    out, updates = model.apply(variables, images, train=True,
+                               mutable=['batch_stats'])
+    return out['logits'], updates['batch_stats']
+
+  single_logits, single_stats = jax.jit(step)(variables, images)
+  mesh = jax.make_mesh((8,), ('data',))
+  sharded = jax.device_put(images, jax.NamedSharding(
+      mesh, jax.sharding.PartitionSpec('data')))
+  replicated = jax.device_put(variables, jax.NamedSharding(
+      mesh, jax.sharding.PartitionSpec()))
+  multi_logits, multi_stats = jax.jit(step)(replicated, sharded)
+  assert len(sharded.sharding.device_set) == 8
+  np.testing.assert_allclose(multi_logits, single_logits, rtol=1e-4,
+                             atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-6),
+               multi_stats, single_stats)
