@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from spcl_jax import sharding
 from spcl_jax.models import create_model, init_variables
 from spcl_jax.models.layers import BatchNorm
 
@@ -81,11 +82,9 @@ def test_trainable_batchnorm_uses_global_batch_when_sharded():
     return out['logits'], updates['batch_stats']
 
   single_logits, single_stats = jax.jit(step)(variables, images)
-  mesh = jax.make_mesh((8,), ('data',))
-  sharded = jax.device_put(images, jax.NamedSharding(
-      mesh, jax.sharding.PartitionSpec('data')))
-  replicated = jax.device_put(variables, jax.NamedSharding(
-      mesh, jax.sharding.PartitionSpec()))
+  mesh = sharding.make_mesh()
+  sharded = jax.device_put(images, sharding.batch_sharding(mesh))
+  replicated = jax.device_put(variables, sharding.replicated(mesh))
   multi_logits, multi_stats = jax.jit(step)(replicated, sharded)
   assert len(sharded.sharding.device_set) == 8
   np.testing.assert_allclose(multi_logits, single_logits, rtol=1e-4,

@@ -1,0 +1,108 @@
+"""Segmentation metrics: confusion matrices summed over a whole split, IoU,
+mIoU over the 19 / 16 / 13-class sets, tail mIoU, Class Center Distance.
+
+Agrees with cityscapesscripts' `evalPixelLevelSemanticLabeling` (IoU = TP /
+(TP + FP + FN) over non-ignored ground-truth pixels, classes with an empty
+denominator are NaN and left out of the mean)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spcl_jax import labels as label_table
+from spcl_jax.spcl import l2_normalize, valid_mask
+
+
+def confusion_matrix(labels: jax.Array, predictions: jax.Array,
+                     num_classes: int) -> jax.Array:
+  """int32 [C, C], rows = ground truth, columns = prediction, of one batch.
+
+  Pixels whose label (or prediction) is outside [0, C) — the ignore label 255
+  included — are not counted. Jit-able; on a sharded batch it is the global
+  matrix. Sum successive results (on the host in int64 for a whole split)."""
+  if labels.shape != predictions.shape:
+    raise ValueError(f'labels {labels.shape} and predictions '
+                     f'{predictions.shape} differ in shape')
+  for name, x in (('labels', labels), ('predictions', predictions)):
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f'{name} must be integer class ids, got {x.dtype}')
+  labels = labels.astype(jnp.int32)
+  predictions = predictions.astype(jnp.int32)
+  valid = valid_mask(labels, num_classes) & valid_mask(predictions,
+                                                       num_classes)
+  index = jnp.where(valid, labels * num_classes + predictions,
+                    num_classes * num_classes)
+  counts = jnp.bincount(index.ravel(), length=num_classes * num_classes + 1)
+  return counts[:-1].reshape(num_classes, num_classes).astype(jnp.int32)
+
+
+def iou_from_confusion(confusion) -> np.ndarray:
+  """Per-class IoU [C] (fractions) from a [C, C] confusion matrix; NaN for a
+  class that is neither in the ground truth nor predicted."""
+  confusion = np.asarray(confusion, np.int64)
+  true_positive = np.diag(confusion)
+  denominator = confusion.sum(0) + confusion.sum(1) - true_positive
+  with np.errstate(invalid='ignore', divide='ignore'):
+    return np.where(denominator > 0, true_positive / np.maximum(denominator, 1),
+                    np.nan)
+
+
+def mean_iou(iou: np.ndarray, classes) -> float:
+  """Mean of the defined IoUs of `classes`, in percent (NaN if none)."""
+  values = np.asarray(iou)[list(classes)]
+  values = values[~np.isnan(values)]
+  return float(values.mean() * 100) if values.size else float('nan')
+
+
+def summarize(confusion, class_set: int = 19) -> dict:
+  """The report entry of an evaluation: mIoU and tail mIoU in percent over
+  the class set (19, 16 or 13 classes), per-class IoU in percent by name."""
+  classes = label_table.check_class_set(class_set)
+  iou = iou_from_confusion(confusion)
+  tail = [c for c in label_table.TAIL_CLASSES if c in classes]
+  return {
+      'miou': mean_iou(iou, classes),
+      'tail_miou': mean_iou(iou, tail),
+      'per_class_iou': {label_table.CLASS_NAMES[c]: float(iou[c] * 100)
+                        for c in classes},
+      'class_set': class_set,
+      'num_pixels': int(np.asarray(confusion, np.int64).sum()),
+  }
+
+
+def class_distance_sums(features: jax.Array, labels: jax.Array,
+                        prototypes: jax.Array):
+  """Mergeable sums for the Class Center Distance: per class, the sum of
+  squared distances of its L2-normalised features to its prototype [C] and
+  the number of its pixels [C]. features [..., N], labels [...]."""
+  num_classes = prototypes.shape[0]
+  if features.shape[:-1] != labels.shape:
+    raise ValueError(f'features {features.shape} and labels {labels.shape} '
+                     'differ in their pixel dimensions')
+  f = l2_normalize(features.astype(jnp.float32)).reshape(-1, features.shape[-1])
+  y = labels.reshape(-1)
+  valid = valid_mask(y, num_classes)
+  safe = jnp.where(valid, y, 0)
+  squared = jnp.sum(jnp.square(f - prototypes[safe]), axis=-1)
+  one_hot = jax.nn.one_hot(jnp.where(valid, y, -1), num_classes)
+  return one_hot.T @ squared, jnp.sum(one_hot, axis=0)
+
+
+def class_center_distance(squared_distance_sums, counts, prototypes,
+                          classes=None) -> np.ndarray:
+  """Appendix Eq. 10: CCD(c) = mean over k != c of
+  (mean_{x in c} ||x - μ_c||²) / ||μ_c - μ_k||², over `classes` (default
+  all); NaN for a class without pixels."""
+  prototypes = np.asarray(prototypes, np.float64)
+  classes = list(range(prototypes.shape[0]) if classes is None else classes)
+  sums = np.asarray(squared_distance_sums, np.float64)
+  counts = np.asarray(counts, np.float64)
+  result = np.full(prototypes.shape[0], np.nan)
+  for c in classes:
+    if counts[c] == 0:
+      continue
+    intra = sums[c] / counts[c]
+    others = [k for k in classes if k != c]
+    between = np.sum((prototypes[others] - prototypes[c]) ** 2, axis=-1)
+    result[c] = np.mean(intra / between)
+  return result

@@ -1,0 +1,61 @@
+"""The one label table: Cityscapes trainIds, palette, class sets, and the
+source datasets' id mappings. Built from `cityscapesscripts`' own table."""
+
+import numpy as np
+from cityscapesscripts.helpers import labels as cs_labels
+
+IGNORE_LABEL = 255
+NUM_CLASSES = 19
+
+_TRAIN = sorted((l for l in cs_labels.labels if 0 <= l.trainId < NUM_CLASSES),
+                key=lambda l: l.trainId)
+assert [l.trainId for l in _TRAIN] == list(range(NUM_CLASSES))
+
+# Class names in trainId order ('road', 'sidewalk', ..., 'bicycle').
+CLASS_NAMES = tuple(l.name for l in _TRAIN)
+# Cityscapes label id of each trainId.
+TRAINID_TO_ID = np.array([l.id for l in _TRAIN], np.uint8)
+# [19, 3] uint8 colours of the trainIds.
+PALETTE = np.array([l.color for l in _TRAIN], np.uint8)
+
+
+def _id_to_trainid() -> np.ndarray:
+  lut = np.full(256, IGNORE_LABEL, np.uint8)
+  for label in cs_labels.labels:
+    if 0 <= label.id < 256 and 0 <= label.trainId < NUM_CLASSES:
+      lut[label.id] = label.trainId
+  return lut
+
+
+# Lookup table: Cityscapes / GTA5 / Synscapes label id (0..255) -> trainId.
+ID_TO_TRAINID = _id_to_trainid()
+
+# SYNTHIA-RAND-CITYSCAPES raw class id -> trainId (its 16 classes).
+SYNTHIA_ID_TO_TRAINID = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7,
+                         6: 8, 1: 10, 10: 11, 17: 12, 8: 13, 19: 15, 12: 17,
+                         11: 18}
+
+
+def _names_to_ids(names):
+  return tuple(CLASS_NAMES.index(n) for n in names)
+
+
+# Evaluated class sets (trainIds), keyed by their size.
+CLASS_SETS = {
+    19: tuple(range(NUM_CLASSES)),
+    16: tuple(sorted(SYNTHIA_ID_TO_TRAINID.values())),
+    13: tuple(sorted(set(SYNTHIA_ID_TO_TRAINID.values())
+                     - set(_names_to_ids(('wall', 'fence', 'pole'))))),
+}
+
+# Classes with < 1 % of Cityscapes val pixels (paper, appendix B).
+TAIL_CLASSES = _names_to_ids((
+    'wall', 'fence', 'traffic light', 'traffic sign', 'terrain', 'rider',
+    'truck', 'bus', 'train', 'motorcycle', 'bicycle'))
+
+
+def check_class_set(size: int) -> tuple:
+  if size not in CLASS_SETS:
+    raise ValueError(f'unknown evaluation class set {size!r}; expected one '
+                     f'of {sorted(CLASS_SETS)}')
+  return CLASS_SETS[size]

@@ -1,0 +1,123 @@
+"""Metrics against numpy, cityscapesscripts and hand-computed values."""
+
+import jax
+import numpy as np
+import pytest
+from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as cs_eval
+from PIL import Image
+
+from spcl_jax import evaluation
+from spcl_jax import labels as label_table
+from spcl_jax import sharding
+
+RNG = np.random.RandomState(0)
+
+
+def np_confusion(labels, predictions, c):
+  matrix = np.zeros((c, c), np.int64)
+  for y, p in zip(labels.ravel(), predictions.ravel()):
+    if 0 <= y < c and 0 <= p < c:
+      matrix[y, p] += 1
+  return matrix
+
+
+def test_confusion_matrix_matches_numpy_and_ignores_out_of_range():
+  labels = RNG.randint(0, 6, (3, 17, 19))
+  labels[RNG.rand(*labels.shape) < 0.2] = 255
+  labels[0, 0, :2] = [6, 200]  # out of range: ignored
+  predictions = RNG.randint(0, 6, labels.shape)
+  ours = evaluation.confusion_matrix(labels, predictions, 6)
+  np.testing.assert_array_equal(ours, np_confusion(labels, predictions, 6))
+
+
+def test_confusion_matrix_sharded_over_8_devices_equals_single():
+  labels = RNG.randint(0, 19, (8, 24, 20))
+  labels[RNG.rand(*labels.shape) < 0.1] = 255
+  predictions = RNG.randint(0, 19, labels.shape)
+  single = jax.jit(evaluation.confusion_matrix, static_argnums=2)(
+      labels, predictions, 19)
+  batch = sharding.batch_sharding(sharding.make_mesh())
+  sharded = jax.jit(evaluation.confusion_matrix, static_argnums=2)(
+      jax.device_put(labels, batch), jax.device_put(predictions, batch), 19)
+  np.testing.assert_array_equal(sharded, single)
+
+
+def test_iou_hand_computed():
+  confusion = np.array([[3, 1, 0],
+                        [2, 4, 0],
+                        [0, 0, 0]])
+  iou = evaluation.iou_from_confusion(confusion)
+  np.testing.assert_allclose(iou[:2], [3 / 6, 4 / 7])
+  assert np.isnan(iou[2])  # neither labelled nor predicted
+  assert evaluation.mean_iou(iou, [0, 1, 2]) == pytest.approx(
+      100 * (3 / 6 + 4 / 7) / 2)
+
+
+def test_miou_agrees_with_cityscapesscripts(tmp_path):
+  args = cs_eval.args
+  args.evalInstLevelScore = False
+  args.quiet = True
+  confusion_cs = cs_eval.generateMatrix(args)
+  ours = np.zeros((19, 19), np.int64)
+  for i in range(3):
+    # ground truth in Cityscapes label ids (ignored ids included),
+    # predictions as trainIds written back as label ids
+    gt_ids = RNG.randint(0, 34, (40, 60)).astype(np.uint8)
+    gt_ids[:5] = 26  # a big car region so classes differ in frequency
+    pred_train = RNG.randint(0, 19, (40, 60))
+    pred_train[RNG.rand(40, 60) < 0.5] = 13
+    gt_path, pred_path = tmp_path / f'gt{i}.png', tmp_path / f'pred{i}.png'
+    Image.fromarray(gt_ids).save(gt_path)
+    Image.fromarray(label_table.TRAINID_TO_ID[pred_train]).save(pred_path)
+    cs_eval.evaluatePair(str(pred_path), str(gt_path), confusion_cs, {}, {},
+                         args)
+    ours += np.asarray(evaluation.confusion_matrix(
+        label_table.ID_TO_TRAINID[gt_ids], pred_train, 19))
+  cs_scores = {label_id: cs_eval.getIouScoreForLabel(label_id, confusion_cs,
+                                                     args)
+               for label_id in label_table.TRAINID_TO_ID}
+  iou = evaluation.iou_from_confusion(ours)
+  for train_id, label_id in enumerate(label_table.TRAINID_TO_ID):
+    assert iou[train_id] == pytest.approx(cs_scores[label_id], abs=1e-6)
+  summary = evaluation.summarize(ours, 19)
+  assert summary['miou'] / 100 == pytest.approx(
+      cs_eval.getScoreAverage(cs_scores, args), abs=1e-6)
+
+
+def test_summary_class_sets_and_tail():
+  confusion = np.diag(np.arange(1, 20)).astype(np.int64)
+  confusion[0, 1] = 10  # road partly predicted as sidewalk
+  summary = evaluation.summarize(confusion, 13)
+  assert set(summary['per_class_iou']) == {
+      label_table.CLASS_NAMES[c] for c in label_table.CLASS_SETS[13]}
+  assert 'wall' not in summary['per_class_iou']
+  iou = evaluation.iou_from_confusion(confusion)
+  expected = np.mean(iou[list(label_table.CLASS_SETS[13])]) * 100
+  assert summary['miou'] == pytest.approx(expected)
+  tail13 = [c for c in label_table.TAIL_CLASSES
+            if c in label_table.CLASS_SETS[13]]
+  assert summary['tail_miou'] == pytest.approx(np.mean(iou[tail13]) * 100)
+  with pytest.raises(ValueError, match='class set 20'):
+    evaluation.summarize(confusion, 20)
+
+
+def test_class_center_distance_matches_numpy():
+  c, n = 4, 5
+  features = RNG.randn(2, 6, 7, n).astype(np.float32)
+  labels = RNG.randint(0, c, (2, 6, 7))
+  labels[0, 0] = 255
+  prototypes = RNG.randn(c, n).astype(np.float32) * 0.3
+  sums = np.zeros(c)
+  counts = np.zeros(c)
+  for half in (slice(0, 1), slice(1, 2)):  # mergeable by addition
+    s, k = evaluation.class_distance_sums(features[half], labels[half],
+                                          prototypes)
+    sums += np.asarray(s)
+    counts += np.asarray(k)
+  ours = evaluation.class_center_distance(sums, counts, prototypes)
+  f = features / np.linalg.norm(features, axis=-1, keepdims=True)
+  for k in range(c):
+    intra = np.mean(np.sum((f[labels == k] - prototypes[k]) ** 2, -1))
+    expected = np.mean([intra / np.sum((prototypes[k] - prototypes[j]) ** 2)
+                        for j in range(c) if j != k])
+    assert ours[k] == pytest.approx(expected, rel=1e-5)
