@@ -1,0 +1,549 @@
+"""grain input pipelines over TFDS ArrayRecord data sources.
+
+A pipeline reads records `{"image": uint8 [H, W, 3], "label": uint8 [H, W]
+or [H, W, 1], "image_id": str}` from `tfds.data_source`, optionally swaps the
+label for a stored pseudo-label map (joined by `image_id`), applies the
+recipe's transforms, batches per process, and hands out global `jax.Array`s
+sharded over the mesh. Elements leave the transforms as
+`{"image": float32 [h, w, 3] (ImageNet-normalised), "label": int32 [h, w],
+"image_id": str, "valid": bool}`; `valid` is False only for padding in
+evaluation batches.
+
+Randomness comes from grain's per-record generators, seeded by the sampler's
+seed and the record's position in the stream: the same seed gives the same
+batches whatever the number of worker processes, and a restored iterator
+state continues exactly where it stopped.
+"""
+
+import dataclasses
+import io
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator, Sequence
+
+from absl import flags
+import grain
+import jax
+import msgpack
+import numpy as np
+from PIL import Image
+
+from spcl_jax import sharding as sharding_lib
+
+IGNORE_LABEL = 255
+
+
+# ----------------------------------------------------------- data sources --
+
+class DatasetNotBuiltError(FileNotFoundError):
+  """A dataset that is not (completely) built in the data directory."""
+
+
+def build_command(dataset: str, data_dir: str) -> str:
+  name, _, config = dataset.partition('/')
+  config_flag = f' --config {config}' if config else ''
+  manual = '' if name == 'sim2real_demo' else ' --manual_dir DOWNLOAD_DIR'
+  return (f'python -m data_prep.build --dataset {name}{config_flag} '
+          f'--data_dir {data_dir}{manual}')
+
+
+def open_source(dataset: str, split: str, data_dir: str):
+  """`tfds.data_source(dataset, split=split, data_dir=data_dir)` of a built
+  dataset, or `DatasetNotBuiltError` naming the dataset, the directory
+  looked in and the exact build command."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  data_dir = os.path.abspath(data_dir)
+  name, _, config = dataset.partition('/')
+  where = os.path.join(data_dir, name, *([config] if config else []))
+  try:
+    return tfds.data_source(dataset, split=split, data_dir=data_dir,
+                            download=False)
+  except Exception as e:  # TFDS raises several types for "not there"
+    if isinstance(e, ValueError) and 'split' in str(e).lower() and (
+        os.path.isdir(where)):
+      raise ValueError(f'dataset {dataset!r} in {where} has no split '
+                       f'{split!r}: {e}') from e
+    raise DatasetNotBuiltError(
+        f'dataset {dataset!r} is not built in {data_dir} (looked in '
+        f'{where}); build it with:\n  {build_command(dataset, data_dir)}'
+    ) from e
+
+
+# -------------------------------------------------------- pseudo labels ----
+
+class PseudoLabelWriter:
+  """Writes one process's pseudo-label maps into `directory` as the shard
+  `pseudo_labels-{index:05d}-of-{count:05d}.array_record` (msgpack records
+  `{"image_id", "png"}`), plus `.json` with the image ids in record order.
+  Both files are written under temporary names and renamed by `close()`, so a
+  reader never sees a half-written shard."""
+
+  def __init__(self, directory: str, shard_index: int = 0,
+               shard_count: int = 1, metadata: dict | None = None):
+    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+    os.makedirs(directory, exist_ok=True)
+    stem = f'pseudo_labels-{shard_index:05d}-of-{shard_count:05d}'
+    self._final = os.path.join(directory, stem)
+    self._tmp = tempfile.mkdtemp(prefix=f'.{stem}.tmp-', dir=directory)
+    self._writer = array_record_module.ArrayRecordWriter(
+        os.path.join(self._tmp, 'records'), 'group_size:1')
+    self._ids: list[str] = []
+    self._metadata = dict(metadata or {}, shard_index=shard_index,
+                          shard_count=shard_count)
+
+  def add(self, image_id: str, label: np.ndarray) -> None:
+    label = np.asarray(label)
+    if label.dtype != np.uint8 or label.ndim != 2:
+      raise ValueError(f'pseudo label of {image_id!r} must be uint8 [H, W], '
+                       f'got {label.dtype} {label.shape}')
+    self._writer.write(msgpack.packb({'image_id': image_id,
+                                      'png': encode_png(label)}))
+    self._ids.append(image_id)
+
+  def close(self) -> None:
+    self._writer.close()
+    with open(os.path.join(self._tmp, 'index.json'), 'w') as f:
+      json.dump({'image_ids': self._ids, **self._metadata}, f)
+    os.replace(os.path.join(self._tmp, 'records'),
+               self._final + '.array_record.tmp')
+    os.replace(os.path.join(self._tmp, 'index.json'), self._final + '.json.tmp')
+    # the index is renamed last: a shard counts only once its index exists
+    os.replace(self._final + '.array_record.tmp', self._final + '.array_record')
+    os.replace(self._final + '.json.tmp', self._final + '.json')
+    shutil.rmtree(self._tmp, ignore_errors=True)
+
+  def abort(self) -> None:
+    self._writer.close()
+    shutil.rmtree(self._tmp, ignore_errors=True)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, *_):
+    if exc_type is None:
+      self.close()
+    else:
+      self.abort()
+
+
+class PseudoLabelStore:
+  """Read side of the pseudo-label shards of a directory: `store[image_id]`
+  is the uint8 [H, W] map. Opens files lazily, so it pickles into grain
+  worker processes."""
+
+  def __init__(self, directory: str):
+    self.directory = os.path.abspath(directory)
+    self._index = self._read_index()
+    self._readers = None
+
+  def _read_index(self) -> dict:
+    if not os.path.isdir(self.directory):
+      raise FileNotFoundError(f'no pseudo labels at {self.directory}')
+    shards = sorted(f for f in os.listdir(self.directory)
+                    if f.startswith('pseudo_labels-') and f.endswith('.json'))
+    if not shards:
+      raise FileNotFoundError(f'no complete pseudo-label shard in '
+                              f'{self.directory}')
+    index, counts = {}, set()
+    for shard in shards:
+      with open(os.path.join(self.directory, shard)) as f:
+        meta = json.load(f)
+      counts.add(meta['shard_count'])
+      for position, image_id in enumerate(meta['image_ids']):
+        index[image_id] = (shard[:-len('.json')] + '.array_record', position)
+    if len(counts) != 1 or len(shards) != counts.pop():
+      raise FileNotFoundError(
+          f'{self.directory}: found shards {shards}; a shard is missing or '
+          'from another run')
+    return index
+
+  def __getstate__(self):
+    return {'directory': self.directory, '_index': self._index,
+            '_readers': None}
+
+  def __len__(self) -> int:
+    return len(self._index)
+
+  def __contains__(self, image_id: str) -> bool:
+    return image_id in self._index
+
+  def image_ids(self) -> list[str]:
+    return sorted(self._index)
+
+  def __getitem__(self, image_id: str) -> np.ndarray:
+    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+    if image_id not in self._index:
+      raise KeyError(f'no pseudo label for image_id {image_id!r} in '
+                     f'{self.directory}')
+    if self._readers is None:
+      self._readers = {}
+    shard, position = self._index[image_id]
+    if shard not in self._readers:
+      self._readers[shard] = array_record_module.ArrayRecordReader(
+          os.path.join(self.directory, shard))
+    record = msgpack.unpackb(self._readers[shard].read([position])[0])
+    return np.asarray(Image.open(io.BytesIO(record['png'])))
+
+
+def encode_png(array: np.ndarray) -> bytes:
+  """Deterministic PNG bytes of a uint8 [H, W] or [H, W, 3] array."""
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format='PNG', compress_level=6)
+  return buffer.getvalue()
+
+
+# ------------------------------------------------------------- transforms --
+
+def _as_str(value) -> str:
+  if isinstance(value, bytes):
+    return value.decode('utf-8')
+  if isinstance(value, np.ndarray):
+    return _as_str(value.item())
+  return str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckRecord(grain.transforms.Map):
+  """Validates a record: label [H, W] (or [H, W, 1]) matching the image's
+  size, else an error naming the `image_id`. Label values outside
+  [0, num_classes) other than 255 become 255 and are counted in
+  `invalid_label_pixels` for the training loop to report."""
+  num_classes: int
+
+  def map(self, record):
+    image_id = _as_str(record['image_id'])
+    image, label = np.asarray(record['image']), np.asarray(record['label'])
+    if label.ndim == 3 and label.shape[-1] == 1:
+      label = label[..., 0]
+    if image.ndim != 3 or image.shape[-1] != 3 or label.ndim != 2:
+      raise ValueError(f'record {image_id!r}: expected image [H, W, 3] and '
+                       f'label [H, W], got {image.shape} and {label.shape}')
+    if image.shape[:2] != label.shape:
+      raise ValueError(f'record {image_id!r}: image size {image.shape[:2]} '
+                       f'and label size {label.shape} differ')
+    invalid = (label >= self.num_classes) & (label != IGNORE_LABEL)
+    return {'image': image, 'label': np.where(invalid, IGNORE_LABEL,
+                                              label).astype(np.uint8),
+            'image_id': image_id, 'valid': True,
+            'invalid_label_pixels': np.int32(invalid.sum())}
+
+
+@dataclasses.dataclass(frozen=True)
+class AttachPseudoLabels(grain.transforms.Map):
+  """Replaces the label by the stored pseudo-label map of the same image."""
+  store: PseudoLabelStore
+
+  def map(self, element):
+    label = self.store[element['image_id']]
+    if label.shape != element['image'].shape[:2]:
+      raise ValueError(
+          f'pseudo label of {element["image_id"]!r} in '
+          f'{self.store.directory} is {label.shape}, image is '
+          f'{element["image"].shape[:2]}')
+    return {**element, 'label': label}
+
+
+def resize_pair(image: np.ndarray, label: np.ndarray, size):
+  """(image bilinear, label nearest) resized to size = (height, width)."""
+  height, width = size
+  if image.shape[:2] == (height, width):
+    return image, label
+  image = np.asarray(Image.fromarray(image).resize((width, height),
+                                                   Image.BILINEAR))
+  label = np.asarray(Image.fromarray(label).resize((width, height),
+                                                   Image.NEAREST))
+  return image, label
+
+
+@dataclasses.dataclass(frozen=True)
+class Resize(grain.transforms.Map):
+  size: tuple  # (height, width)
+
+  def map(self, element):
+    image, label = resize_pair(element['image'], element['label'], self.size)
+    return {**element, 'image': image, 'label': label}
+
+
+def _rgb_to_hsv(rgb):
+  """Vectorised `colorsys.rgb_to_hsv` for float arrays in [0, 1]."""
+  r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+  maxc, minc = rgb.max(-1), rgb.min(-1)
+  v = maxc
+  delta = maxc - minc
+  s = np.where(maxc > 0, delta / np.maximum(maxc, 1e-12), 0)
+  safe = np.maximum(delta, 1e-12)
+  rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+  h = np.where(r == maxc, bc - gc, np.where(g == maxc, 2.0 + rc - bc,
+                                             4.0 + gc - rc))
+  h = np.where(delta > 0, (h / 6.0) % 1.0, 0.0)
+  return np.stack([h, s, v], -1)
+
+
+def _hsv_to_rgb(hsv):
+  """Vectorised `colorsys.hsv_to_rgb`."""
+  h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+  i = np.floor(h * 6.0)
+  f = h * 6.0 - i
+  p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+  i = i.astype(np.int32) % 6
+  choices = [np.stack(c, -1) for c in ((v, t, p), (q, v, p), (p, v, t),
+                                       (p, q, v), (t, p, v), (v, p, q))]
+  return np.choose(i[..., None], choices)
+
+
+def color_jitter(image: np.ndarray, rng: np.random.Generator,
+                 brightness: float, contrast: float, saturation: float,
+                 hue: float) -> np.ndarray:
+  """torchvision's ColorJitter on a uint8 RGB image: factors drawn uniformly
+  from [max(0, 1 - x), 1 + x] (hue shift from [-hue, hue]), the four
+  operations applied in random order, clipped to [0, 1] after each."""
+  x = image.astype(np.float32) / 255.0
+  gray = lambda x: x @ np.array([0.299, 0.587, 0.114], np.float32)
+  for op in rng.permutation(4):
+    if op == 0 and brightness:
+      x = np.clip(x * rng.uniform(max(0, 1 - brightness), 1 + brightness),
+                  0, 1)
+    elif op == 1 and contrast:
+      f = rng.uniform(max(0, 1 - contrast), 1 + contrast)
+      x = np.clip(f * x + (1 - f) * gray(x).mean(), 0, 1)
+    elif op == 2 and saturation:
+      f = rng.uniform(max(0, 1 - saturation), 1 + saturation)
+      x = np.clip(f * x + (1 - f) * gray(x)[..., None], 0, 1)
+    elif op == 3 and hue:
+      hsv = _rgb_to_hsv(x)
+      hsv[..., 0] = (hsv[..., 0] + rng.uniform(-hue, hue)) % 1.0
+      x = np.clip(_hsv_to_rgb(hsv), 0, 1)
+  return np.round(x * 255.0).astype(np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class ColorJitter(grain.transforms.RandomMap):
+  brightness: float
+  contrast: float
+  saturation: float
+  hue: float
+
+  def random_map(self, element, rng: np.random.Generator):
+    image = color_jitter(element['image'], rng, self.brightness,
+                         self.contrast, self.saturation, self.hue)
+    return {**element, 'image': image}
+
+
+def scale_crop_flip(image, label, rng, scale_range, crop, flip, fill):
+  """Random scale (image bilinear, label nearest), pad to the crop size
+  (image with `fill`, label with 255), random crop, random horizontal flip."""
+  if scale_range is not None:
+    s = rng.uniform(*scale_range)
+    size = (max(1, int(round(image.shape[0] * s))),
+            max(1, int(round(image.shape[1] * s))))
+    image, label = resize_pair(image, label, size)
+  if crop is not None:
+    ch, cw = crop
+    h, w = label.shape
+    if h < ch or w < cw:
+      ph, pw = max(ch - h, 0), max(cw - w, 0)
+      image = np.concatenate([image, np.broadcast_to(
+          np.asarray(fill, np.uint8), (ph, image.shape[1], 3))], 0) if ph else image
+      label = np.pad(label, ((0, ph), (0, 0)), constant_values=IGNORE_LABEL)
+      image = np.concatenate([image, np.broadcast_to(
+          np.asarray(fill, np.uint8), (image.shape[0], pw, 3))], 1) if pw else image
+      label = np.pad(label, ((0, 0), (0, pw)), constant_values=IGNORE_LABEL)
+      h, w = label.shape
+    top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+    image = image[top:top + ch, left:left + cw]
+    label = label[top:top + ch, left:left + cw]
+  if flip and rng.random() < 0.5:
+    image, label = image[:, ::-1], label[:, ::-1]
+  return np.ascontiguousarray(image), np.ascontiguousarray(label)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomScaleCropFlip(grain.transforms.RandomMap):
+  scale_range: tuple | None
+  crop: tuple | None
+  flip: bool
+  fill: tuple  # uint8 RGB used to pad images (the mean colour)
+
+  def random_map(self, element, rng: np.random.Generator):
+    image, label = scale_crop_flip(element['image'], element['label'], rng,
+                                   self.scale_range, self.crop, self.flip,
+                                   self.fill)
+    return {**element, 'image': image, 'label': label}
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalize(grain.transforms.Map):
+  mean: tuple
+  std: tuple
+
+  def map(self, element):
+    image = (element['image'].astype(np.float32) / 255.0
+             - np.asarray(self.mean, np.float32)) / np.asarray(self.std,
+                                                               np.float32)
+    return {**element, 'image': image,
+            'label': element['label'].astype(np.int32)}
+
+
+# --------------------------------------------------------------- pipelines --
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSpec:
+  """What one input stream reads and how it transforms it."""
+  dataset: str                       # TFDS name, e.g. 'sim2real_demo/default'
+  split: str
+  data_dir: str
+  global_batch_size: int
+  num_classes: int = 19
+  size: tuple | None = None          # resize to (height, width) first
+  color_jitter: tuple | None = None  # (brightness, contrast, saturation, hue)
+  scale_range: tuple | None = None   # random scale (low, high)
+  crop: tuple | None = None          # random crop (height, width)
+  flip: bool = False
+  mean: tuple = (0.485, 0.456, 0.406)
+  std: tuple = (0.229, 0.224, 0.225)
+  pseudo_labels: str | None = None   # PseudoLabelStore directory
+  shuffle: bool = True
+  seed: int = 0
+  worker_count: int = 0
+
+
+def transforms_of(spec: PipelineSpec) -> list:
+  ops: list[Any] = [CheckRecord(spec.num_classes)]
+  if spec.pseudo_labels:
+    ops.append(AttachPseudoLabels(PseudoLabelStore(spec.pseudo_labels)))
+  if spec.size:
+    ops.append(Resize(tuple(spec.size)))
+  if spec.color_jitter:
+    ops.append(ColorJitter(*spec.color_jitter))
+  if spec.scale_range or spec.crop or spec.flip:
+    fill = tuple(int(round(255 * m)) for m in spec.mean)
+    ops.append(RandomScaleCropFlip(
+        spec.scale_range and tuple(spec.scale_range),
+        spec.crop and tuple(spec.crop), spec.flip, fill))
+  ops.append(Normalize(tuple(spec.mean), tuple(spec.std)))
+  return ops
+
+
+def local_batch_size(global_batch_size: int) -> int:
+  count = jax.process_count()
+  if global_batch_size % jax.device_count():
+    raise ValueError(f'global batch size {global_batch_size} is not divisible'
+                     f' by the {jax.device_count()} devices')
+  return global_batch_size // count
+
+
+def train_loader(spec: PipelineSpec, source=None,
+                 process_index: int | None = None,
+                 process_count: int | None = None) -> grain.DataLoader:
+  """An endless, shuffled, per-process-sharded loader of local batches."""
+  source = open_source(spec.dataset, spec.split, spec.data_dir) if (
+      source is None) else source
+  process_index = jax.process_index() if process_index is None else (
+      process_index)
+  process_count = jax.process_count() if process_count is None else (
+      process_count)
+  local = spec.global_batch_size // process_count
+  if local * process_count != spec.global_batch_size:
+    raise ValueError(f'global batch size {spec.global_batch_size} is not '
+                     f'divisible by the {process_count} processes')
+  sampler = grain.samplers.IndexSampler(
+      len(source), shard_options=grain.sharding.ShardOptions(
+          process_index, process_count, drop_remainder=True),
+      shuffle=spec.shuffle, num_epochs=None, seed=spec.seed)
+  if spec.worker_count and not flags.FLAGS.is_parsed():
+    # grain's worker processes read absl flags; outside `app.run` (tests,
+    # notebooks) the defaults are what we want.
+    flags.FLAGS.mark_as_parsed()
+  return grain.DataLoader(
+      data_source=source, sampler=sampler,
+      operations=transforms_of(spec) + [grain.transforms.Batch(
+          local, drop_remainder=True)],
+      worker_count=spec.worker_count)
+
+
+def _pad_batch(batch: dict, size: int) -> dict:
+  n = len(batch['image_id'])
+  if n == size:
+    return batch
+  padded = {}
+  for key, value in batch.items():
+    value = np.asarray(value)
+    fill = {'label': IGNORE_LABEL, 'valid': False, 'image_id': ''}.get(key, 0)
+    pad = np.full((size - n, *value.shape[1:]), fill, value.dtype)
+    padded[key] = np.concatenate([value, pad])
+  return padded
+
+
+def eval_batches(spec: PipelineSpec, source=None,
+                 process_index: int | None = None,
+                 process_count: int | None = None) -> Iterator[dict]:
+  """Every record of the split exactly once (this process's share), in
+  local batches padded with `valid=False`, label-255 elements; every process
+  yields the same number of batches so that collectives stay in step."""
+  source = open_source(spec.dataset, spec.split, spec.data_dir) if (
+      source is None) else source
+  process_index = jax.process_index() if process_index is None else (
+      process_index)
+  process_count = jax.process_count() if process_count is None else (
+      process_count)
+  local = spec.global_batch_size // process_count
+  per_process = -(-len(source) // process_count)
+  num_batches = -(-per_process // local)
+  indices = np.array_split(np.arange(len(source)), process_count)[
+      process_index]
+  ops = transforms_of(dataclasses.replace(
+      spec, color_jitter=None, scale_range=None, crop=None, flip=False))
+  if not len(indices):
+    raise ValueError(f'{spec.dataset}:{spec.split} has {len(source)} records,'
+                     f' fewer than the {process_count} processes')
+  dataset = grain.MapDataset.source(source)[indices[0]:indices[-1] + 1]
+  for op in ops:
+    dataset = dataset.map(op)
+  count = 0
+  for batch in dataset.batch(local, drop_remainder=False):
+    count += 1
+    yield _pad_batch(batch, local)
+  # a process with one record fewer may need an all-padding batch more
+  padding = _pad_batch({k: np.asarray(v)[:0] for k, v in batch.items()},
+                       local)
+  for _ in range(count, num_batches):
+    yield padding
+
+
+def to_global(batch: dict, mesh: jax.sharding.Mesh,
+              keys: Sequence[str] = ('image', 'label')) -> dict:
+  """Local numpy batch -> global jax.Arrays (batch axis sharded over the
+  mesh) for `keys`; other entries (image ids) stay host-local numpy."""
+  target = sharding_lib.batch_sharding(mesh)
+  out = {}
+  for key, value in batch.items():
+    if key in keys:
+      out[key] = jax.make_array_from_process_local_data(target,
+                                                        np.asarray(value))
+    else:
+      out[key] = np.asarray(value)
+  return out
+
+
+class GlobalBatchIterator:
+  """Endless iterator of global batches over a `train_loader`, with grain's
+  checkpointable state (`get_state()` / `set_state(state)`)."""
+
+  def __init__(self, loader: grain.DataLoader, mesh: jax.sharding.Mesh,
+               keys: Sequence[str] = ('image', 'label')):
+    self._iterator = iter(loader)
+    self._mesh, self._keys = mesh, tuple(keys)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    return to_global(next(self._iterator), self._mesh, self._keys)
+
+  def get_state(self) -> bytes:
+    return self._iterator.get_state()
+
+  def set_state(self, state: bytes) -> None:
+    self._iterator.set_state(state)

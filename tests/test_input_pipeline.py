@@ -1,0 +1,259 @@
+"""grain pipelines: determinism, process sharding, resumable state,
+geometric alignment, pseudo-label join, global arrays, errors."""
+
+import colorsys
+import dataclasses
+import hashlib
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from spcl_jax import input_pipeline as ip
+from spcl_jax import labels as label_table
+from spcl_jax import sharding
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+
+
+def _spec(data_dir, **kw):
+  base = dict(dataset='sim2real_demo/tiny', split='source_train',
+              data_dir=data_dir, global_batch_size=4,
+              color_jitter=(0.5, 0.5, 0.5, 0.2), scale_range=(0.5, 1.5),
+              crop=(48, 96), flip=True, seed=7)
+  base.update(kw)
+  return ip.PipelineSpec(**base)
+
+
+def _take(loader, n):
+  it = iter(loader)
+  return [next(it) for _ in range(n)]
+
+
+def _digest(batches):
+  h = hashlib.sha256()
+  for b in batches:
+    h.update(b['image'].tobytes())
+    h.update(b['label'].tobytes())
+  return h.hexdigest()
+
+
+def test_same_seed_same_batches_other_seed_other_batches(tiny_demo):
+  a = _take(ip.train_loader(_spec(tiny_demo)), 3)
+  b = _take(ip.train_loader(_spec(tiny_demo)), 3)
+  c = _take(ip.train_loader(_spec(tiny_demo, seed=8)), 3)
+  assert _digest(a) == _digest(b) != _digest(c)
+  assert a[0]['image'].shape == (4, 48, 96, 3)
+  assert a[0]['image'].dtype == np.float32 and a[0]['label'].dtype == np.int32
+
+
+def test_processes_get_disjoint_shards_covering_the_split(tiny_demo):
+  spec = _spec(tiny_demo, split='target_val', global_batch_size=2)
+  seen = []
+  for process in range(2):  # 16 records: 8 per process, local batch 1
+    batches = _take(ip.train_loader(spec, process_index=process,
+                                    process_count=2), 8)
+    seen.append({str(b['image_id'][0]) for b in batches})
+  assert len(seen[0]) == len(seen[1]) == 8
+  assert not seen[0] & seen[1]
+  assert seen[0] | seen[1] == {f'target_val_{i:06d}' for i in range(16)}
+  # evaluation: every record exactly once over the processes, padded batches
+  eval_spec = dataclasses.replace(spec, global_batch_size=6, shuffle=False)
+  ids, lengths = [], set()
+  for process in range(2):
+    batches = list(ip.eval_batches(eval_spec, process_index=process,
+                                   process_count=2))
+    lengths.add(len(batches))
+    for b in batches:
+      assert (b['label'][~b['valid']] == 255).all()
+      ids += [str(i) for i, v in zip(b['image_id'], b['valid']) if v]
+  assert lengths == {3} and sorted(ids) == sorted(seen[0] | seen[1])
+
+
+_RESUME = '''
+import sys, hashlib, numpy as np
+from spcl_jax import input_pipeline as ip
+spec = ip.PipelineSpec(dataset='sim2real_demo/tiny', split='source_train',
+    data_dir=sys.argv[1], global_batch_size=4,
+    color_jitter=(0.5, 0.5, 0.5, 0.2), scale_range=(0.5, 1.5), crop=(48, 96),
+    flip=True, seed=7, worker_count=int(sys.argv[3]))
+it = iter(ip.train_loader(spec))
+it.set_state(open(sys.argv[2], 'rb').read())
+h = hashlib.sha256()
+for _ in range(3):
+  b = next(it)
+  h.update(b['image'].tobytes()); h.update(b['label'].tobytes())
+print('DIGEST', h.hexdigest())
+del it
+'''
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_iterator_state_restores_in_a_fresh_process(tiny_demo, tmp_path,
+                                                    workers):
+  # grain ties a state to the worker count: save and restore with the same
+  it = iter(ip.train_loader(_spec(tiny_demo, worker_count=workers)))
+  for _ in range(13):  # past the first epoch of 12 batches
+    next(it)
+  (tmp_path / 'state').write_bytes(it.get_state())
+  expected = _digest([next(it) for _ in range(3)])
+  del it
+  result = subprocess.run([sys.executable, '-c', _RESUME, tiny_demo,
+                           str(tmp_path / 'state'), str(workers)], cwd=ROOT,
+                          capture_output=True, text=True, check=True)
+  assert f'DIGEST {expected}' in result.stdout
+
+
+def _palette_record(seed, height=40, width=60):
+  """An image whose label is recoverable from its pixel colours."""
+  rng = np.random.RandomState(seed)
+  label = np.kron(rng.randint(0, 19, (4, 6)), np.ones((10, 10), int))
+  label[rng.rand(height, width) < 0.002] = 255
+  colours = np.vstack([label_table.PALETTE, [[0, 0, 0]]]).astype(np.uint8)
+  image = colours[np.where(label == 255, 19, label)]
+  return {'image': image, 'label': label.astype(np.uint8)[..., None],
+          'image_id': f'r{seed}'.encode()}
+
+
+def test_geometric_transforms_keep_image_and_label_aligned():
+  source = [_palette_record(s) for s in range(6)]
+  spec = ip.PipelineSpec('unused', 'unused', '.', global_batch_size=2,
+                         scale_range=(0.5, 1.5), crop=(50, 70), flip=True,
+                         mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3, seed=3)
+  colours = np.vstack([label_table.PALETTE, [[0, 0, 0]]]).astype(np.float32)
+  for batch in _take(ip.train_loader(spec, source=source), 12):
+    for image, label, image_id in zip(batch['image'], batch['label'],
+                                      batch['image_id']):
+      original = np.asarray(_palette_record(int(str(image_id)[1:]))['label'])
+      assert set(np.unique(label)) <= set(np.unique(original)) | {255}
+      # interior pixels (uniform 3x3 label neighbourhood, not padding)
+      interior = np.ones_like(label, bool)
+      for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+          interior[1:-1, 1:-1] &= (np.roll(np.roll(label, dy, 0), dx, 1)
+                                   == label)[1:-1, 1:-1]
+      interior[[0, -1]] = interior[:, [0, -1]] = False
+      interior &= label != 255
+      distance = np.linalg.norm(image[..., None, :] - colours, axis=-1)
+      recovered = np.argmin(distance, -1)
+      assert interior.sum() > 100
+      assert (recovered[interior] == label[interior]).mean() > 0.99
+
+
+def test_flip_and_crop_move_image_and_label_together():
+  record = _palette_record(5)
+  image, label = record['image'], record['label'][..., 0]
+  rng = np.random.default_rng(0)
+  outcomes = set()
+  for _ in range(20):
+    out_image, out_label = ip.scale_crop_flip(image, label, rng, None, None,
+                                              True, (0, 0, 0))
+    flipped = np.array_equal(out_label, label[:, ::-1])
+    assert flipped or np.array_equal(out_label, label)
+    np.testing.assert_array_equal(out_image,
+                                  image[:, ::-1] if flipped else image)
+    outcomes.add(flipped)
+  assert outcomes == {True, False}
+  # a crop larger than the image pads: image with the fill, label with 255
+  out_image, out_label = ip.scale_crop_flip(image, label, rng, None, (60, 70),
+                                            False, (1, 2, 3))
+  assert out_label.shape == (60, 70) and out_image.shape == (60, 70, 3)
+  np.testing.assert_array_equal(out_label[:40, :60], label)  # nothing to crop
+  np.testing.assert_array_equal(out_image[:40, :60], image)
+  assert (out_label[40:] == 255).all() and (out_label[:, 60:] == 255).all()
+  assert (out_image[40:] == (1, 2, 3)).all()
+  assert (out_image[:, 60:] == (1, 2, 3)).all()
+
+
+def test_nearest_resize_never_creates_label_values():
+  rng = np.random.RandomState(0)
+  label = rng.choice([0, 5, 13, 255], (37, 53)).astype(np.uint8)
+  image = np.zeros((37, 53, 3), np.uint8)
+  for size in ((11, 17), (80, 120), (37, 100)):
+    _, resized = ip.resize_pair(image, label, size)
+    assert resized.shape == size
+    assert set(np.unique(resized)) <= {0, 5, 13, 255}
+
+
+def test_color_jitter_matches_colorsys_and_identity():
+  rgb = np.random.RandomState(0).rand(50, 3).astype(np.float32)
+  hsv = ip._rgb_to_hsv(rgb)  # pylint: disable=protected-access
+  expected = np.array([colorsys.rgb_to_hsv(*p) for p in rgb])
+  np.testing.assert_allclose(hsv, expected, atol=1e-5)
+  np.testing.assert_allclose(ip._hsv_to_rgb(hsv), rgb, atol=1e-5)  # pylint: disable=protected-access
+  image = np.random.RandomState(1).randint(0, 256, (8, 9, 3)).astype(np.uint8)
+  rng = np.random.default_rng(0)
+  np.testing.assert_array_equal(ip.color_jitter(image, rng, 0, 0, 0, 0),
+                                image)
+  jittered = ip.color_jitter(image, np.random.default_rng(0), 0.5, 0, 0, 0)
+  factor = jittered.astype(float).sum() / image.astype(float).sum()
+  assert 0.5 <= factor <= 1.5 and factor != 1.0
+
+
+def test_pseudo_labels_join_by_image_id(tiny_demo, tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  source = tfds.data_source('sim2real_demo/tiny', split='target_val',
+                            data_dir=tiny_demo)
+  ids = sorted(r['image_id'].decode() for r in source)
+  fake = {i: np.full((64, 128), n % 19, np.uint8) for n, i in enumerate(ids)}
+  for shard in range(2):
+    with ip.PseudoLabelWriter(str(tmp_path / 'pl'), shard, 2) as writer:
+      for image_id in ids[shard::2]:
+        writer.add(image_id, fake[image_id])
+  store = ip.PseudoLabelStore(str(tmp_path / 'pl'))
+  assert len(store) == 16 and store.image_ids() == ids
+  spec = _spec(tiny_demo, split='target_val', pseudo_labels=str(tmp_path / 'pl'),
+               color_jitter=None, scale_range=None, crop=None, flip=False,
+               shuffle=False, global_batch_size=16)
+  batch = next(iter(ip.train_loader(spec)))
+  for image_id, label in zip(batch['image_id'], batch['label']):
+    np.testing.assert_array_equal(label, fake[str(image_id)])
+  # a shard without its index (interrupted write) is not accepted
+  os.remove(tmp_path / 'pl' / 'pseudo_labels-00001-of-00002.json')
+  with pytest.raises(FileNotFoundError, match='missing'):
+    ip.PseudoLabelStore(str(tmp_path / 'pl'))
+  assert not [f for f in os.listdir(tmp_path / 'pl') if 'tmp' in f]
+
+
+def test_global_batches_are_sharded_over_the_mesh(tiny_demo):
+  mesh = sharding.make_mesh()
+  loader = ip.train_loader(_spec(tiny_demo, global_batch_size=8))
+  iterator = ip.GlobalBatchIterator(loader, mesh)
+  local = next(iter(ip.train_loader(_spec(tiny_demo, global_batch_size=8))))
+  batch = next(iterator)
+  assert isinstance(batch['image'], jax.Array)
+  assert batch['image'].sharding.spec == jax.sharding.PartitionSpec('data')
+  assert len(batch['image'].addressable_shards) == 8
+  np.testing.assert_array_equal(np.asarray(batch['label']), local['label'])
+  assert isinstance(batch['image_id'], np.ndarray)
+
+
+def test_missing_dataset_names_dataset_directory_and_command(tmp_path):
+  with pytest.raises(ip.DatasetNotBuiltError) as e:
+    ip.open_source('sim2real_demo/tiny', 'source_train', str(tmp_path))
+  message = str(e.value)
+  assert "'sim2real_demo/tiny'" in message
+  assert str(tmp_path / 'sim2real_demo' / 'tiny') in message
+  assert (f'python -m data_prep.build --dataset sim2real_demo --config tiny '
+          f'--data_dir {tmp_path}') in message
+
+
+def test_size_mismatch_names_the_image_id():
+  record = _palette_record(0)
+  record['label'] = record['label'][:-1]
+  spec = ip.PipelineSpec('unused', 'unused', '.', global_batch_size=1)
+  with pytest.raises(ValueError, match="'r0'.*differ"):
+    next(iter(ip.train_loader(spec, source=[record])))
+
+
+def test_out_of_range_label_values_are_ignored_and_counted():
+  record = _palette_record(1)
+  record['label'] = record['label'].copy()
+  record['label'][0, :7] = 40
+  spec = ip.PipelineSpec('unused', 'unused', '.', global_batch_size=1)
+  batch = next(iter(ip.train_loader(spec, source=[record])))
+  assert (batch['label'][0, 0, :7] == 255).all()
+  assert batch['invalid_label_pixels'][0] == 7
