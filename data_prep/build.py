@@ -10,19 +10,15 @@ data_dir=OUT)`. TFDS writes into a temporary directory renamed when complete,
 so an interrupted build leaves nothing a reader would accept.
 """
 
-import os
-
 from absl import app
 from absl import flags
 from absl import logging
-import tensorflow_datasets as tfds
 
+from data_prep import builders
 from data_prep import sim2real_demo
 
-DATASETS = {'sim2real_demo': sim2real_demo.Sim2RealDemo}
-
 _DATASET = flags.DEFINE_string('dataset', None,
-                               f'one of {", ".join(sorted(DATASETS))}')
+                               f'one of {", ".join(sorted(builders.DATASETS))}')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'output directory')
 _MANUAL_DIR = flags.DEFINE_string('manual_dir', None,
                                   'extracted download (real datasets)')
@@ -43,23 +39,6 @@ def _ints(name, values, count):
     raise app.UsageError(f'--{name} expects {count} comma-separated integers, '
                          f'got {",".join(values)!r}')
   return numbers
-
-
-def make_builder(dataset: str, data_dir: str, config=None):
-  if dataset not in DATASETS:
-    raise app.UsageError(f'unknown dataset {dataset!r}; known: '
-                         f'{", ".join(sorted(DATASETS))}')
-  return DATASETS[dataset](data_dir=data_dir, config=config,
-                           file_format='array_record')
-
-
-def build(dataset: str, data_dir: str, config=None, manual_dir=None):
-  """Builds (if not built yet) and returns the builder."""
-  builder = make_builder(dataset, os.path.abspath(data_dir), config)
-  download_config = tfds.download.DownloadConfig(
-      manual_dir=manual_dir and os.path.abspath(manual_dir))
-  builder.download_and_prepare(download_config=download_config)
-  return builder
 
 
 def demo_config_from_flags():
@@ -83,7 +62,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = (demo_config_from_flags() if _DATASET.value == 'sim2real_demo'
             else _CONFIG.value)
-  builder = build(_DATASET.value, _DATA_DIR.value, config, _MANUAL_DIR.value)
+  builder = builders.build(_DATASET.value, _DATA_DIR.value, config, _MANUAL_DIR.value)
   logging.info('built %s into %s', builder.info.full_name, builder.data_dir)
   print(f'{builder.info.full_name}: {builder.data_dir}')
   for name, split in builder.info.splits.items():

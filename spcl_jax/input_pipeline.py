@@ -259,11 +259,14 @@ def resize_pair(image: np.ndarray, label: np.ndarray, size):
 
 @dataclasses.dataclass(frozen=True)
 class Resize(grain.transforms.Map):
+  """Resizes the image (and, unless told otherwise, the label) to `size`."""
   size: tuple  # (height, width)
+  resize_label: bool = True
 
   def map(self, element):
     image, label = resize_pair(element['image'], element['label'], self.size)
-    return {**element, 'image': image, 'label': label}
+    return {**element, 'image': image,
+            'label': label if self.resize_label else element['label']}
 
 
 def _rgb_to_hsv(rgb):
@@ -397,6 +400,7 @@ class PipelineSpec:
   global_batch_size: int
   num_classes: int = 19
   size: tuple | None = None          # resize to (height, width) first
+  resize_label: bool = True          # False: keep labels at full resolution
   color_jitter: tuple | None = None  # (brightness, contrast, saturation, hue)
   scale_range: tuple | None = None   # random scale (low, high)
   crop: tuple | None = None          # random crop (height, width)
@@ -414,7 +418,7 @@ def transforms_of(spec: PipelineSpec) -> list:
   if spec.pseudo_labels:
     ops.append(AttachPseudoLabels(PseudoLabelStore(spec.pseudo_labels)))
   if spec.size:
-    ops.append(Resize(tuple(spec.size)))
+    ops.append(Resize(tuple(spec.size), spec.resize_label))
   if spec.color_jitter:
     ops.append(ColorJitter(*spec.color_jitter))
   if spec.scale_range or spec.crop or spec.flip:
@@ -529,12 +533,17 @@ def to_global(batch: dict, mesh: jax.sharding.Mesh,
 
 class GlobalBatchIterator:
   """Endless iterator of global batches over a `train_loader`, with grain's
-  checkpointable state (`get_state()` / `set_state(state)`)."""
+  checkpointable state (`get_state()` / `set_state(state)`;
+  `local_iterator` is what grain's orbax handler saves)."""
 
   def __init__(self, loader: grain.DataLoader, mesh: jax.sharding.Mesh,
                keys: Sequence[str] = ('image', 'label')):
     self._iterator = iter(loader)
     self._mesh, self._keys = mesh, tuple(keys)
+
+  @property
+  def local_iterator(self):
+    return self._iterator
 
   def __iter__(self):
     return self

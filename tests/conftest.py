@@ -12,7 +12,7 @@ import pytest  # noqa: E402  (after the environment is set)
 @pytest.fixture(scope='session')
 def tiny_demo(tmp_path_factory):
   """The `tiny` sim2real_demo config (64x128; 48 / 24 / 16), built once."""
-  from data_prep import build  # pylint: disable=g-import-not-at-top
+  from data_prep import builders  # pylint: disable=g-import-not-at-top
   data_dir = tmp_path_factory.mktemp('tfds')
-  build.build('sim2real_demo', str(data_dir), 'tiny')
+  builders.build('sim2real_demo', str(data_dir), 'tiny')
   return str(data_dir)

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_prep import build
+from data_prep import builders
 from data_prep import sim2real_render
 from spcl_jax import labels as label_table
 
@@ -21,7 +21,7 @@ def _record_files(root):
 
 
 def test_build_is_byte_identical(tiny_demo, tmp_path):
-  build.build('sim2real_demo', str(tmp_path), 'tiny')
+  builders.build('sim2real_demo', str(tmp_path), 'tiny')
   first, second = _record_files(tiny_demo), _record_files(tmp_path)
   assert sorted(first) == sorted(second) and len(first) == 3
   for name in first:

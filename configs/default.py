@@ -1,0 +1,162 @@
+"""Every field of an spcl_jax run, with the released GTA5 -> Cityscapes recipe
+(DeepLab-v2 ResNet-101) as the default values (SPEC §2).
+
+Other configs start from `get_config()` here and change what differs. A
+config file's `get_config(arg)` takes a comma-separated argument list: stage
+names (run only those stages) and variant names of that file, e.g.
+`configs/gta5.py:vgg16` or `configs/demo.py:smoke,warmup`.
+
+Sizes are (height, width). Step counts: `steps` is where a stage stops,
+`schedule_steps` the length of its poly schedule (the released code stops at
+40k of a 62.5k schedule).
+"""
+
+import ml_collections
+
+# The pipeline's stages, in order (spcl_jax.pipeline.STAGES holds their wiring).
+STAGE_NAMES = ('warmup', 'prototypes', 'pseudo_labels', 'spcl',
+               'pseudo_labels_2', 'self_training')
+
+
+def _sgd(lr, steps, schedule_steps):
+  return ml_collections.ConfigDict({
+      'lr': lr,
+      'classifier_lr_multiplier': 10.0,
+      'momentum': 0.9,
+      'weight_decay': 5e-4,
+      'poly_power': 0.9,
+      'steps': steps,
+      'schedule_steps': schedule_steps,
+  })
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.stages_to_run = STAGE_NAMES  # replaced by stage names given in `arg`
+
+  c.model = ml_collections.ConfigDict({
+      'name': 'deeplabv2_resnet101',
+      'num_classes': 19,
+      'dtype': 'float32',          # 'bfloat16' on GPU / TPU
+      'base_width': 64,            # ResNet stem width (64 = ImageNet layout)
+      # Directory written by `python -m data_prep.port_torchvision`; '' trains
+      # from scratch (only sensible for the demo).
+      'pretrained_dir': '',
+      'aspp_rates': (6, 12, 18, 24),
+  })
+  c.discriminator = ml_collections.ConfigDict({
+      'widths': (64, 128, 256, 512),
+      'negative_slope': 0.2,
+      'source_label': 0.0,
+      'target_label': 1.0,
+  })
+
+  c.data = ml_collections.ConfigDict({
+      'data_dir': '~/tensorflow_datasets',
+      'source': 'gta5',
+      'source_split': 'train',
+      'target': 'cityscapes',
+      'target_split': 'train',
+      'val_split': 'validation',
+      'source_size': (720, 1280),
+      'target_size': (512, 1024),
+      'eval_size': (512, 1024),    # logits are upsampled to the label size
+      'mean': (0.485, 0.456, 0.406),
+      'std': (0.229, 0.224, 0.225),
+      'source_color_jitter': (0.5, 0.5, 0.5, 0.2),  # b, c, s, h
+      'worker_count': 4,
+      'eval_batch_size': 8,
+      # Build the demo dataset if it is missing (sim2real_demo only).
+      'build_if_missing': False,
+  })
+
+  c.evaluation = ml_collections.ConfigDict({
+      # Evaluated class sets (19, 16 or 13 classes); the first is the one
+      # whose mIoU is reported as "miou" and selects the best checkpoint.
+      'class_sets': (19,),
+  })
+
+  warmup = _sgd(2.5e-4, 40_000, 62_500)
+  warmup.source_batch_size = 4
+  warmup.target_batch_size = 4
+  warmup.adversarial_weight = 0.001  # 0: the source-only baseline
+  warmup.discriminator_lr = 1e-4
+  warmup.discriminator_betas = (0.9, 0.99)
+  warmup.logit_temperature = 1.8
+  warmup.bn_trainable = False
+  warmup.eval_every_steps = 2_000
+
+  prototypes = ml_collections.ConfigDict({'batch_size': 4})
+
+  pseudo_labels = ml_collections.ConfigDict({
+      'batch_size': 4,
+      'histogram_bins': 1000,
+      'threshold_cap': 0.9,
+  })
+
+  spcl = _sgd(2.5e-4, 40_000, 62_500)
+  spcl.source_batch_size = 4
+  spcl.target_batch_size = 4
+  spcl.logit_temperature = 1.8
+  spcl.alpha = 0.1                 # prototype momentum (1.0 freezes them)
+  spcl.temperature = 100.0         # τ; the released code divides by 100
+  spcl.contrastive_weight = 1.0    # λ
+  spcl.target_mask = 'offline'     # 'offline' (released) or 'online' (Eq. 5)
+  spcl.decay_absent_classes = False  # True: the released code's behaviour
+  spcl.bn_trainable = False
+  spcl.eval_every_steps = 2_000
+
+  self_training = _sgd(5e-4, 20_000, 31_250)
+  self_training.target_batch_size = 8
+  self_training.logit_temperature = 1.0
+  self_training.bn_trainable = True
+  self_training.scale_range = (0.5, 1.5)
+  self_training.crop_size = (512, 1024)
+  self_training.flip = True
+  self_training.color_jitter = (0.5, 0.5, 0.5, 0.2)
+  self_training.eval_every_steps = 2_000
+
+  c.stages = ml_collections.ConfigDict({
+      'warmup': warmup,
+      'prototypes': prototypes,
+      'pseudo_labels': pseudo_labels,
+      'spcl': spcl,
+      'pseudo_labels_2': pseudo_labels.copy_and_resolve_references(),
+      'self_training': self_training,
+  })
+
+  c.checkpoint = ml_collections.ConfigDict({
+      'every_steps': 1_000,
+      'keep': 3,
+  })
+  c.log_every_steps = 50
+
+  # Test hook (deterministic preemption): the process sends itself SIGTERM
+  # when `sigterm_stage` reaches step `sigterm_at_step`; never set in a run.
+  c.testing = ml_collections.ConfigDict({
+      'sigterm_stage': '',
+      'sigterm_at_step': -1,
+  })
+  return apply_arg(c, arg, {})
+
+
+def apply_arg(config, arg, variants):
+  """Applies a `get_config` argument: comma-separated stage names and names
+  of `variants` ({name: function(config) -> None}), in order."""
+  stages = []
+  for token in (arg or '').split(','):
+    token = token.strip()
+    if not token:
+      continue
+    if token in STAGE_NAMES:
+      stages.append(token)
+    elif token in variants:
+      variants[token](config)
+    else:
+      raise ValueError(f'unknown config argument {token!r}; expected stage '
+                       f'names {list(STAGE_NAMES)} or variants '
+                       f'{sorted(variants)}')
+  if stages:
+    config.stages_to_run = tuple(stages)
+  return config

@@ -1,0 +1,81 @@
+"""The whole pipeline on the built-in `sim2real_demo` dataset, from scratch,
+with a narrow dilated ResNet-18 on the CPU (about 10 minutes on 2 cores).
+
+The dataset is built into `data.data_dir` on first use. Variants:
+  smoke        the `tiny` dataset at 32x64 and a few steps per stage (CI)
+  source_only  warm-up without the adversarial term
+  oracle       warm-up trained on the labelled target_train split (the upper
+               bound that measures the domain gap; stop after `warmup`)
+"""
+
+from configs import default
+
+
+def smoke(config):
+  config.data.source = config.data.target = 'sim2real_demo/tiny'
+  config.data.source_size = config.data.target_size = (32, 64)
+  config.data.eval_size = (32, 64)
+  config.data.worker_count = 0
+  config.data.eval_batch_size = 8
+  for name in ('warmup', 'spcl', 'self_training'):
+    stage = config.stages[name]
+    stage.steps, stage.schedule_steps, stage.eval_every_steps = 4, 6, 4
+  config.stages.self_training.crop_size = (32, 64)
+  config.checkpoint.every_steps = 2
+  config.log_every_steps = 2
+
+
+def source_only(config):
+  config.stages.warmup.adversarial_weight = 0.0
+
+
+def oracle(config):
+  config.data.source = config.data.target
+  config.data.source_split = config.data.target_split
+  config.data.source_size = config.data.target_size
+  config.data.source_color_jitter = ()
+  config.stages.warmup.adversarial_weight = 0.0
+
+
+def get_config(arg=None):
+  config = default.get_config()
+  config.model.name = 'deeplabv2_resnet18'
+  config.model.base_width = 16
+  config.model.pretrained_dir = ''
+
+  data = config.data
+  data.data_dir = '~/tensorflow_datasets'
+  data.source = data.target = 'sim2real_demo/default'
+  data.source_split, data.target_split = 'source_train', 'target_train'
+  data.val_split = 'target_val'
+  data.source_size = data.target_size = data.eval_size = (64, 128)
+  data.worker_count = 2
+  data.eval_batch_size = 40
+  data.build_if_missing = True
+
+  config.evaluation.class_sets = (19,)
+  for name in ('warmup', 'spcl', 'self_training'):
+    stage = config.stages[name]
+    stage.lr = 0.01
+    stage.weight_decay = 1e-4
+    # From scratch, BatchNorm has no ImageNet statistics to keep.
+    stage.bn_trainable = True
+    stage.eval_every_steps = 200
+  warmup, spcl, self_training = (config.stages.warmup, config.stages.spcl,
+                                 config.stages.self_training)
+  warmup.steps, warmup.schedule_steps = 600, 938
+  warmup.source_batch_size = warmup.target_batch_size = 8
+  spcl.steps, spcl.schedule_steps = 300, 469
+  spcl.source_batch_size = spcl.target_batch_size = 8
+  self_training.steps, self_training.schedule_steps = 200, 313
+  self_training.target_batch_size = 8
+  self_training.crop_size = (64, 128)
+  self_training.scale_range = (0.4, 0.8)  # from the 128x256 originals
+  config.stages.prototypes.batch_size = 40
+  config.stages.pseudo_labels.batch_size = 40
+  config.stages.pseudo_labels_2.batch_size = 40
+  config.checkpoint.every_steps = 100
+  config.log_every_steps = 25
+  return default.apply_arg(config, arg, {'smoke': smoke,
+                                         'source_only': source_only,
+                                         'oracle': oracle})

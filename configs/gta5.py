@@ -1,0 +1,25 @@
+"""GTA5 -> Cityscapes, DeepLab-v2 ResNet-101: the released recipe (SPEC §2).
+
+Variants: `vgg16` (DeepLab-v2 VGG-16, paper Table 1; the SPEC gives no
+VGG-specific optimiser numbers, so the ResNet recipe's are kept),
+`source_only` (warm-up with adversarial weight 0).
+"""
+
+from configs import default
+
+
+def vgg16(config):
+  config.model.name = 'deeplabv2_vgg16'
+
+
+def source_only(config):
+  config.stages.warmup.adversarial_weight = 0.0
+
+
+def get_config(arg=None):
+  config = default.get_config()
+  config.data.source = 'gta5'
+  config.data.source_size = (720, 1280)
+  config.evaluation.class_sets = (19,)
+  return default.apply_arg(config, arg, {'vgg16': vgg16,
+                                         'source_only': source_only})

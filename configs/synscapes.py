@@ -1,0 +1,15 @@
+"""Synscapes -> Cityscapes, DeepLab-v2 ResNet-101.
+
+Source images resized to 1024x512 (paper Table 6). Variant: `source_only`.
+"""
+
+from configs import default
+from configs import gta5
+
+
+def get_config(arg=None):
+  config = default.get_config()
+  config.data.source = 'synscapes'
+  config.data.source_size = (512, 1024)
+  config.evaluation.class_sets = (19,)
+  return default.apply_arg(config, arg, {'source_only': gta5.source_only})

@@ -1,0 +1,70 @@
+r"""Runs the SPCL pipeline (or one stage of it).
+
+  python -m spcl_jax.main --config=configs/demo.py --workdir=/tmp/spcl_demo
+  python -m spcl_jax.main --config=configs/gta5.py:spcl --workdir=DIR
+
+Rerunning skips finished stages and resumes an unfinished one. Several
+processes (TPU pods, multi-node GPU) are detected by `jax.distributed`; a
+local multi-process CPU run passes --coordinator_address, --num_processes
+and --process_id.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from spcl_jax import pipeline
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'config file[:args]',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'run directory')
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    'allow_config_change', False, 'resume a workdir whose config differs')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0 (multi-process)')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'processes')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'this process')
+
+
+def _initialize_distributed() -> None:
+  if _NUM_PROCESSES.value and _NUM_PROCESSES.value > 1:
+    if jax.config.jax_platforms in (None, '', 'cpu') and not os.environ.get(
+        'CUDA_VISIBLE_DEVICES'):
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                               _PROCESS_ID.value)
+  elif any(v in os.environ for v in ('TPU_WORKER_HOSTNAMES', 'SLURM_NTASKS',
+                                     'OMPI_COMM_WORLD_SIZE')):
+    jax.distributed.initialize()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  # clu's writers import TensorFlow: keep it off the accelerators.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')
+  _initialize_distributed()
+  logging.info('process %d of %d, %d devices (%s)', jax.process_index(),
+               jax.process_count(), jax.device_count(),
+               jax.devices()[0].platform)
+  try:
+    pipeline.run(_CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
+  except pipeline.Preempted as e:
+    logging.info('%s; rerun the same command to resume', e)
+    sys.exit(0)
+  except (pipeline.ConfigMismatchError, pipeline.NonFiniteLossError,
+          FileNotFoundError, ValueError) as e:
+    logging.error('%s', e)
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)

@@ -1,0 +1,652 @@
+"""The stage sequence, its inputs and outputs, and resuming.
+
+Stages are data (`STAGES`): a name, a kind and the stages whose outputs it
+reads. `run(config, workdir)` runs the stages of `config.stages_to_run` in
+order, skipping finished ones (marked by `DIR/<stage>/done.json`) and
+resuming an unfinished training stage from its latest checkpoint. Only
+process 0 writes reports, markers and dashboards; every process takes part
+in checkpointing and in the collective computations.
+
+Workdir layout:
+  DIR/config.json                the config the workdir was started with
+  DIR/report.json                {"stages": {...}, "config": {...}}
+  DIR/tensorboard/               CLU metric writer (TensorBoard events)
+  DIR/<stage>/checkpoints/       train state + data iterators (orbax)
+  DIR/<stage>/best/              best-mIoU model of a training stage
+  DIR/<stage>/model/             final model of a training stage
+  DIR/<stage>/prototypes/        prototype bank (prototypes, spcl)
+  DIR/<stage>/labels/            pseudo-label shards (pseudo-label stages)
+  DIR/<stage>/done.json          the stage's results; present = finished
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import tempfile
+import time
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from spcl_jax import checkpoint
+from spcl_jax import evaluation
+from spcl_jax import input_pipeline as ip
+from spcl_jax import labels as label_table
+from spcl_jax import models
+from spcl_jax import sharding as sharding_lib
+from spcl_jax import spcl
+from spcl_jax import train
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  name: str
+  kind: str                           # 'train' | 'prototypes' | 'pseudo_labels'
+  step: str | None = None             # train stages: 'warmup' | 'spcl' | ...
+  model_from: str | None = None       # stage whose final model it starts from
+  prototypes_from: str | None = None
+  pseudo_labels_from: str | None = None
+
+
+STAGES = (
+    Stage('warmup', 'train', step='warmup'),
+    Stage('prototypes', 'prototypes', model_from='warmup'),
+    Stage('pseudo_labels', 'pseudo_labels', model_from='warmup'),
+    Stage('spcl', 'train', step='spcl', model_from='warmup',
+          prototypes_from='prototypes', pseudo_labels_from='pseudo_labels'),
+    Stage('pseudo_labels_2', 'pseudo_labels', model_from='spcl'),
+    Stage('self_training', 'train', step='self_training', model_from='spcl',
+          pseudo_labels_from='pseudo_labels_2'),
+)
+STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
+
+# Config keys that may differ when a workdir is resumed.
+_RESUMABLE_CHANGES = ('stages_to_run', 'testing.', 'data.data_dir',
+                      'log_every_steps')
+
+
+class Preempted(Exception):
+  """SIGTERM arrived; the latest state was checkpointed."""
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+class ConfigMismatchError(ValueError):
+  pass
+
+
+# ------------------------------------------------------------------ checks --
+
+def validate(config: ml_collections.ConfigDict,
+             num_devices: int | None = None) -> None:
+  """Semantic checks that fail before anything is compiled (batch sizes
+  against `num_devices`, default: every device of every process)."""
+  problems = []
+  for name in config.stages_to_run:
+    if name not in STAGE_BY_NAME:
+      problems.append(f'stages_to_run: unknown stage {name!r} (known: '
+                      f'{[s.name for s in STAGES]})')
+  if config.model.name not in models.MODELS:
+    problems.append(f'model.name: unknown model {config.model.name!r} '
+                    f'(known: {sorted(models.MODELS)})')
+  if config.model.dtype not in ('float32', 'bfloat16'):
+    problems.append(f"model.dtype: {config.model.dtype!r}, expected "
+                    "'float32' or 'bfloat16'")
+  for class_set in config.evaluation.class_sets:
+    if class_set not in label_table.CLASS_SETS:
+      problems.append(f'evaluation.class_sets: {class_set} is not one of '
+                      f'{sorted(label_table.CLASS_SETS)}')
+  if config.stages.spcl.target_mask not in ('offline', 'online'):
+    problems.append(f"stages.spcl.target_mask: "
+                    f"{config.stages.spcl.target_mask!r}, expected 'offline' "
+                    "or 'online'")
+  devices = jax.device_count() if num_devices is None else num_devices
+  batch_keys = (('warmup', 'source_batch_size'), ('warmup',
+                                                  'target_batch_size'),
+                ('spcl', 'source_batch_size'), ('spcl', 'target_batch_size'),
+                ('self_training', 'target_batch_size'),
+                ('prototypes', 'batch_size'), ('pseudo_labels', 'batch_size'),
+                ('pseudo_labels_2', 'batch_size'))
+  for stage, key in batch_keys:
+    value = config.stages[stage][key]
+    if value <= 0 or value % devices:
+      problems.append(f'stages.{stage}.{key} = {value} must be a positive '
+                      f'multiple of the {devices} devices')
+  if config.data.eval_batch_size % devices:
+    problems.append(f'data.eval_batch_size = {config.data.eval_batch_size} '
+                    f'must be a multiple of the {devices} devices')
+  for name in ('warmup', 'spcl', 'self_training'):
+    stage = config.stages[name]
+    if not 0 < stage.steps <= stage.schedule_steps:
+      problems.append(f'stages.{name}: need 0 < steps ({stage.steps}) <= '
+                      f'schedule_steps ({stage.schedule_steps})')
+  if problems:
+    raise ValueError('invalid config:\n  ' + '\n  '.join(problems))
+
+
+def _flatten(config: dict, prefix: str = '') -> dict:
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def config_to_json(config) -> dict:
+  return json.loads(json.dumps(config.to_dict(), default=list))
+
+
+def check_workdir_config(config, workdir: str,
+                         allow_config_change: bool) -> None:
+  """Refuses to resume a workdir written by a different config."""
+  path = os.path.join(workdir, 'config.json')
+  current = config_to_json(config)
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    old, new = _flatten(previous), _flatten(current)
+    differing = sorted(
+        key for key in set(old) | set(new)
+        if old.get(key) != new.get(key)
+        and not any(key == p or key.startswith(p) for p in _RESUMABLE_CHANGES))
+    if differing and not allow_config_change:
+      lines = [f'  {key}: {old.get(key, "<absent>")!r} -> '
+               f'{new.get(key, "<absent>")!r}' for key in differing]
+      raise ConfigMismatchError(
+          f'{workdir} was started with a different config:\n'
+          + '\n'.join(lines) + '\nUse a new --workdir, or pass '
+          '--allow_config_change to resume with the new values.')
+  if jax.process_index() == 0:
+    write_json(path, current)
+
+
+def write_json(path: str, data, sort_keys: bool = True) -> None:
+  """Atomic JSON write (temporary file in the same directory, then rename)."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix='.tmp-', dir=directory)
+  with os.fdopen(fd, 'w') as f:
+    json.dump(data, f, indent=2, sort_keys=sort_keys, default=float)
+  os.replace(tmp, path)
+
+
+def read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+# ------------------------------------------------------------- the context --
+
+@dataclasses.dataclass
+class Context:
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: jax.sharding.Mesh
+  writer: metric_writers.MetricWriter
+  preempted: bool = False
+
+  def stage_dir(self, name: str, *parts: str) -> str:
+    return os.path.join(self.workdir, name, *parts)
+
+  def done_path(self, name: str) -> str:
+    return self.stage_dir(name, 'done.json')
+
+  def is_done(self, name: str) -> bool:
+    return os.path.exists(self.done_path(name))
+
+  def data_dir(self) -> str:
+    return os.path.expanduser(self.config.data.data_dir)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _any_process(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+
+
+# ------------------------------------------------------------- data specs --
+
+def _spec(ctx, dataset, split, batch, **kw) -> ip.PipelineSpec:
+  data = ctx.config.data
+  return ip.PipelineSpec(
+      dataset=dataset, split=split, data_dir=ctx.data_dir(),
+      global_batch_size=batch, num_classes=ctx.config.model.num_classes,
+      mean=tuple(data.mean), std=tuple(data.std),
+      worker_count=data.worker_count, **kw)
+
+
+def _seed(ctx, stage_name: str, stream: str) -> int:
+  names = [s.name for s in STAGES]
+  return (ctx.config.seed * 1000 + names.index(stage_name) * 10
+          + ('source', 'target').index(stream))
+
+
+def _train_specs(ctx, stage: Stage) -> dict:
+  cfg, data = ctx.config.stages[stage.name], ctx.config.data
+  pseudo = (ctx.stage_dir(stage.pseudo_labels_from, 'labels')
+            if stage.pseudo_labels_from else None)
+  if stage.step == 'self_training':
+    return {'target_iterator': _spec(
+        ctx, data.target, data.target_split, cfg.target_batch_size,
+        pseudo_labels=pseudo, color_jitter=tuple(cfg.color_jitter),
+        scale_range=tuple(cfg.scale_range), crop=tuple(cfg.crop_size),
+        flip=cfg.flip, seed=_seed(ctx, stage.name, 'target'))}
+  specs = {'source_iterator': _spec(
+      ctx, data.source, data.source_split, cfg.source_batch_size,
+      size=tuple(data.source_size),
+      color_jitter=tuple(data.source_color_jitter) or None,
+      seed=_seed(ctx, stage.name, 'source'))}
+  if stage.step == 'spcl' or cfg.adversarial_weight > 0:
+    specs['target_iterator'] = _spec(
+        ctx, data.target, data.target_split, cfg.target_batch_size,
+        size=tuple(data.target_size),
+        pseudo_labels=pseudo if stage.step == 'spcl' else None,
+        seed=_seed(ctx, stage.name, 'target'))
+  return specs
+
+
+def _eval_spec(ctx, dataset, split, size, batch, resize_label) -> ip.PipelineSpec:
+  return _spec(ctx, dataset, split, batch, size=tuple(size),
+               resize_label=resize_label, shuffle=False)
+
+
+def _global(ctx, batch):
+  """The device part of a local evaluation batch, as global arrays."""
+  keys = ('image', 'label', 'valid')
+  return ip.to_global({k: batch[k] for k in keys}, ctx.mesh, keys)
+
+
+# ---------------------------------------------------------------- evaluate --
+
+def evaluate(ctx, model, variables, eval_step) -> dict:
+  """Target validation split: confusion matrix over the whole split."""
+  data = ctx.config.data
+  spec = _eval_spec(ctx, data.target, data.val_split, data.eval_size,
+                    data.eval_batch_size, resize_label=False)
+  confusion = np.zeros((model.num_classes,) * 2, np.int64)
+  for batch in ip.eval_batches(spec):
+    confusion += np.asarray(eval_step(variables, _global(ctx, batch)))
+  return summarize_all(ctx, confusion)
+
+
+def summarize_all(ctx, confusion) -> dict:
+  class_sets = list(ctx.config.evaluation.class_sets)
+  result = evaluation.summarize(confusion, class_sets[0])
+  for other in class_sets[1:]:
+    extra = evaluation.summarize(confusion, other)
+    result[f'miou_{other}'] = extra['miou']
+    result[f'tail_miou_{other}'] = extra['tail_miou']
+  return result
+
+
+# ------------------------------------------------------------------ models --
+
+def _abstract_variables(ctx, model):
+  shapes = jax.eval_shape(lambda: models.init_variables(model,
+                                                        jax.random.key(0)))
+  return checkpoint.abstract_like(shapes, ctx.mesh)
+
+
+def load_model(ctx, stage_name: str, model):
+  return checkpoint.load_tree(ctx.stage_dir(stage_name, 'model'),
+                              _abstract_variables(ctx, model))
+
+
+def load_prototypes(ctx, stage_name: str, num_features: int):
+  c = ctx.config.model.num_classes
+  abstract = spcl.PrototypeBank(
+      jax.ShapeDtypeStruct((c, num_features), jnp.float32),
+      jax.ShapeDtypeStruct((c,), jnp.int32))
+  return checkpoint.load_tree(ctx.stage_dir(stage_name, 'prototypes'),
+                              checkpoint.abstract_like(abstract, ctx.mesh))
+
+
+def _num_features(model) -> int:
+  return model.backbone.num_features
+
+
+# ---------------------------------------------------------- training stage --
+
+def _make_step(ctx, stage, model, tx, state_parts):
+  cfg = ctx.config.stages[stage.name]
+  if stage.step == 'warmup':
+    return train.make_warmup_step(model, train.discriminator_for(ctx.config),
+                                  tx, state_parts['d_tx'], cfg,
+                                  ctx.config.discriminator)
+  if stage.step == 'spcl':
+    thresholds = None
+    if cfg.target_mask == 'online':
+      thresholds = jnp.asarray(read_json(ctx.done_path(
+          stage.pseudo_labels_from))['class_thresholds'], jnp.float32)
+    return train.make_spcl_step(model, tx, cfg, thresholds)
+  return train.make_self_training_step(model, tx, cfg)
+
+
+def _initial_state(ctx, stage, model):
+  cfg = ctx.config.stages[stage.name]
+  rng = jax.random.PRNGKey(ctx.config.seed + 17 * len(stage.name))
+  init_rng, disc_rng, state_rng = jax.random.split(rng, 3)
+  if stage.model_from is None:
+    variables = train.initial_variables(ctx.config, init_rng)
+  else:
+    variables = load_model(ctx, stage.model_from, model)
+  variables = jax.device_get(variables)
+  tx = train.segmenter_optimizer(cfg, variables['params'],
+                                 variables['batch_stats'])
+  parts = {'d_tx': None}
+  disc_params = None
+  if stage.step == 'warmup' and cfg.adversarial_weight > 0:
+    parts['d_tx'] = train.discriminator_optimizer(cfg)
+    disc = train.discriminator_for(ctx.config)
+    disc_params = disc.init(disc_rng, jnp.zeros(
+        (1, 64, 64, ctx.config.model.num_classes)))
+  bank = None
+  if stage.prototypes_from:
+    bank = jax.device_get(load_prototypes(ctx, stage.prototypes_from,
+                                          _num_features(model)))
+  state = train.new_train_state(
+      variables, tx, state_rng, prototype_bank=bank, disc_params=disc_params,
+      d_tx=parts['d_tx'], num_features=_num_features(model),
+      num_classes=ctx.config.model.num_classes)
+  return jax.device_put(state, sharding_lib.replicated(ctx.mesh)), tx, parts
+
+
+def _check_finite(stage_name, step, metrics, checkpoints) -> None:
+  values = {k: float(v) for k, v in metrics.compute().items()}
+  bad = [k for k, v in values.items() if not np.isfinite(v)]
+  if bad:
+    last = checkpoints.latest_step()
+    where = (f'the last good checkpoint is step {last} in '
+             f'{checkpoints.manager.directory}' if last is not None else
+             'no checkpoint of this stage was written yet')
+    raise NonFiniteLossError(
+        f'stage {stage_name}: non-finite {", ".join(bad)} at step {step} '
+        f'({", ".join(f"{k}={values[k]}" for k in bad)}); {where}. Nothing '
+        'was saved after it.')
+
+
+def state_digest(state) -> str:
+  """SHA-256 of this process's copy of the (replicated) parameters, BN
+  statistics and prototypes: equal on every process of a healthy run."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves((state.params, state.batch_stats,
+                               state.prototype_bank)):
+    digest.update(np.asarray(leaf.addressable_data(0)).tobytes())
+  return digest.hexdigest()
+
+
+def run_train_stage(ctx, stage: Stage) -> dict:
+  config = ctx.config
+  cfg = config.stages[stage.name]
+  model = train.model_for_stage(config, cfg.bn_trainable)
+  eval_model = train.model_for_stage(config, False)
+  state, tx, parts = _initial_state(ctx, stage, model)
+  specs = _train_specs(ctx, stage)
+  iterators = {name: ip.GlobalBatchIterator(ip.train_loader(spec), ctx.mesh)
+               for name, spec in specs.items()}
+  checkpoints = checkpoint.StageCheckpoints(
+      ctx.stage_dir(stage.name, 'checkpoints'), config.checkpoint.keep,
+      tuple(iterators))
+  best = checkpoint.BestCheckpoint(ctx.stage_dir(stage.name, 'best'))
+  latest = checkpoints.latest_step()
+  if latest is not None:
+    logging.info('%s: resuming from step %d', stage.name, latest)
+    state = checkpoints.restore(
+        latest, checkpoint.abstract_like(state, ctx.mesh), iterators)
+  step_fn = jax.jit(_make_step(ctx, stage, model, tx, parts),
+                    donate_argnums=0)
+  eval_step = jax.jit(train.make_eval_step(eval_model))
+  report_progress = periodic_actions.ReportProgress(
+      num_train_steps=cfg.steps, writer=ctx.writer)
+  images_per_step = sum(s.global_batch_size for s in specs.values())
+  accumulated, window_start, window_steps = None, time.time(), 0
+  step = int(jax.device_get(state.step))
+  history, invalid_pixels = [], 0
+  while step < cfg.steps:
+    if (config.testing.sigterm_stage == stage.name
+        and step == config.testing.sigterm_at_step):
+      os.kill(os.getpid(), signal.SIGTERM)
+    batches = [next(iterators[name]) for name in iterators]
+    invalid_pixels += sum(int(b['invalid_label_pixels'].sum())
+                          for b in batches)
+    state, metrics = step_fn(state, *[{'image': b['image'],
+                                       'label': b['label']} for b in batches])
+    step += 1
+    _check_finite(stage.name, step, metrics, checkpoints)
+    accumulated = metrics if accumulated is None else accumulated.merge(
+        metrics)
+    window_steps += 1
+    report_progress(step)
+    if step % config.log_every_steps == 0 or step == cfg.steps:
+      scalars = {f'{stage.name}/{k}': float(v)
+                 for k, v in accumulated.compute().items()}
+      scalars[f'{stage.name}/invalid_label_pixels'] = invalid_pixels
+      scalars[f'{stage.name}/images_per_sec'] = (
+          window_steps * images_per_step / max(time.time() - window_start,
+                                               1e-9))
+      ctx.writer.write_scalars(step, scalars)
+      accumulated, window_start, window_steps = None, time.time(), 0
+    if step % cfg.eval_every_steps == 0 or step == cfg.steps:
+      result = evaluate(ctx, eval_model, state.variables(), eval_step)
+      history.append({'step': step, 'miou': result['miou']})
+      ctx.writer.write_scalars(step, {f'{stage.name}/eval_miou':
+                                      result['miou']})
+      best.offer(step, state.variables(), result['miou'])
+    if step % config.checkpoint.every_steps == 0 or step == cfg.steps:
+      checkpoints.save(step, state, iterators)
+    if _any_process(ctx.preempted):
+      checkpoints.save(step, state, iterators)
+      checkpoints.wait()
+      logging.info('%s: preempted at step %d; checkpoint saved', stage.name,
+                   step)
+      raise Preempted(f'{stage.name} preempted at step {step}')
+  checkpoints.wait()
+  logging.info('%s: process %d state digest %s', stage.name,
+               jax.process_index(), state_digest(state))
+  checkpoint.save_tree(ctx.stage_dir(stage.name, 'model'), state.variables())
+  if stage.step == 'spcl':
+    checkpoint.save_tree(ctx.stage_dir(stage.name, 'prototypes'),
+                         state.prototype_bank)
+  final = history[-1] if history and history[-1]['step'] == step else None
+  result = (evaluate(ctx, eval_model, state.variables(), eval_step)
+            if final is None else result)
+  best_step = best.manager.best_step()
+  checkpoints.close()
+  best.close()
+  result.update({'steps': step, 'eval_history': history,
+                 'best_step': best_step,
+                 'best_miou': max((h['miou'] for h in history),
+                                  default=result['miou'])})
+  return result
+
+
+# ----------------------------------------------------------- other stages --
+
+def run_prototypes_stage(ctx, stage: Stage) -> dict:
+  """Eq. 2 over the whole source set with the warm-up model."""
+  config = ctx.config
+  model = train.model_for_stage(config, False)
+  variables = load_model(ctx, stage.model_from, model)
+  data = config.data
+  spec = _eval_spec(ctx, data.source, data.source_split, data.source_size,
+                    config.stages[stage.name].batch_size, resize_label=True)
+  init_step = jax.jit(train.make_prototype_init_step(model))
+  sums = spcl.PrototypeInitSums.zeros(config.model.num_classes,
+                                      _num_features(model))
+  for batch in ip.eval_batches(spec):
+    sums = sums.merge(init_step(variables, _global(ctx, batch)))
+  bank = spcl.prototype_bank_from_sums(sums)
+  checkpoint.save_tree(ctx.stage_dir(stage.name, 'prototypes'), bank)
+  images = np.asarray(sums.num_images)
+  return {'model_from': stage.model_from,
+          **read_json(ctx.done_path(stage.model_from)),
+          'classes_with_prototype': int((images > 0).sum()),
+          'images_per_class': {label_table.CLASS_NAMES[c]: int(images[c])
+                               for c in range(len(images))
+                               if c < len(label_table.CLASS_NAMES)}}
+
+
+def run_pseudo_labels_stage(ctx, stage: Stage) -> dict:
+  """Per-class thresholds (histogram pass), then pseudo labels (second
+  pass) of the target training split, written as shards keyed by image_id.
+  Where the split has labels, their agreement with the pseudo labels is
+  reported (a diagnostic; training never reads those labels)."""
+  config = ctx.config
+  cfg = config.stages[stage.name]
+  model = train.model_for_stage(config, False)
+  variables = load_model(ctx, stage.model_from, model)
+  data = config.data
+  spec = _eval_spec(ctx, data.target, data.target_split, data.target_size,
+                    cfg.batch_size, resize_label=False)
+  histogram_step = jax.jit(train.make_histogram_step(model,
+                                                     cfg.histogram_bins))
+  histogram = np.zeros((model.num_classes, cfg.histogram_bins), np.int64)
+  for batch in ip.eval_batches(spec):
+    histogram += np.asarray(histogram_step(variables, _global(ctx, batch)))
+  thresholds = spcl.class_thresholds_from_histogram(histogram,
+                                                    cfg.threshold_cap)
+  label_step = jax.jit(train.make_pseudo_label_step(model))
+  agreement = np.zeros((model.num_classes,) * 2, np.int64)
+  kept = total = 0
+  directory = ctx.stage_dir(stage.name, 'labels')
+  with ip.PseudoLabelWriter(directory, jax.process_index(),
+                            jax.process_count(),
+                            {'model_from': stage.model_from}) as writer:
+    for batch in ip.eval_batches(spec):
+      labels = label_step(variables, _global(ctx, batch),
+                          jnp.asarray(thresholds))
+      local = np.asarray(multihost_utils.global_array_to_host_local_array(
+          labels, ctx.mesh, jax.sharding.PartitionSpec(
+              sharding_lib.DATA_AXIS)))
+      for image_id, valid, pseudo, truth in zip(
+          batch['image_id'], batch['valid'], local, batch['label']):
+        if not valid:
+          continue
+        writer.add(str(image_id), pseudo)
+        kept += int((pseudo != spcl.IGNORE_INDEX).sum())
+        total += pseudo.size
+        agreement += np.asarray(evaluation.confusion_matrix(
+            np.asarray(truth), np.asarray(pseudo, np.int32),
+            model.num_classes))
+  counts = multihost_utils.process_allgather(
+      np.array([kept, total], np.int64)).reshape(-1, 2).sum(0) if (
+          jax.process_count() > 1) else np.array([kept, total])
+  if jax.process_count() > 1:
+    agreement = multihost_utils.process_allgather(agreement).reshape(
+        -1, *agreement.shape).sum(0)
+  result = {'model_from': stage.model_from,
+            **read_json(ctx.done_path(stage.model_from)),
+            'class_thresholds': [float(t) for t in thresholds],
+            'pseudo_label_coverage': float(counts[0] / max(counts[1], 1)),
+            'pseudo_label_miou_vs_labels': summarize_all(ctx, agreement)[
+                'miou']}
+  return result
+
+
+RUNNERS = {'train': run_train_stage, 'prototypes': run_prototypes_stage,
+           'pseudo_labels': run_pseudo_labels_stage}
+
+
+# ---------------------------------------------------------------- pipeline --
+
+def _check_inputs(ctx, stage: Stage) -> None:
+  for needed in (stage.model_from, stage.prototypes_from,
+                 stage.pseudo_labels_from):
+    if needed and not ctx.is_done(needed):
+      raise FileNotFoundError(
+          f'stage {stage.name!r} needs the output of stage {needed!r}, which '
+          f'is not finished in {ctx.workdir}; run it first: python -m '
+          f'spcl_jax.main --config=CONFIG:{needed} --workdir={ctx.workdir}')
+
+
+def _ensure_demo_data(ctx) -> None:
+  data = ctx.config.data
+  if not data.build_if_missing:
+    return
+  for dataset in {data.source, data.target}:
+    name, _, config_name = dataset.partition('/')
+    if name != 'sim2real_demo':
+      continue
+    try:
+      ip.open_source(dataset, data.val_split if dataset == data.target else
+                     data.source_split, ctx.data_dir())
+    except ip.DatasetNotBuiltError:
+      if jax.process_index() == 0:
+        from data_prep import builders  # pylint: disable=g-import-not-at-top
+        logging.info('building %s into %s', dataset, ctx.data_dir())
+        builders.build(name, ctx.data_dir(), config_name or None)
+      _sync('demo-data-built')
+
+
+def update_report(ctx, stage_name: str, result: dict) -> None:
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(ctx.workdir, 'report.json')
+  report = read_json(path) if os.path.exists(path) else {'stages': {}}
+  report['stages'][stage_name] = result
+  order = [s.name for s in STAGES]
+  report['stages'] = dict(sorted(report['stages'].items(),
+                                 key=lambda item: order.index(item[0])))
+  report['config'] = config_to_json(ctx.config)
+  write_json(path, report, sort_keys=False)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        allow_config_change: bool = False) -> dict:
+  """Runs `config.stages_to_run` in order; returns the report's stages."""
+  validate(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  check_workdir_config(config, workdir, allow_config_change)
+  writer = metric_writers.create_default_writer(
+      os.path.join(workdir, 'tensorboard'),
+      just_logging=jax.process_index() > 0)
+  ctx = Context(config, workdir, sharding_lib.make_mesh(), writer)
+  previous = signal.signal(signal.SIGTERM, lambda *_: setattr(
+      ctx, 'preempted', True))
+  try:
+    if jax.process_index() == 0 and not os.path.exists(
+        os.path.join(workdir, 'report.json')):
+      writer.write_hparams({k: v if isinstance(v, (int, float, str, bool))
+                            else str(v)
+                            for k, v in _flatten(config_to_json(config)).items()})
+    _ensure_demo_data(ctx)
+    results = {}
+    for stage in STAGES:
+      if stage.name not in config.stages_to_run:
+        continue
+      if ctx.is_done(stage.name):
+        logging.info('%s: finished earlier, skipped', stage.name)
+        results[stage.name] = read_json(ctx.done_path(stage.name))
+        continue
+      _check_inputs(ctx, stage)
+      logging.info('%s: starting', stage.name)
+      result = RUNNERS[stage.kind](ctx, stage)
+      _sync(f'{stage.name}-finished')
+      if jax.process_index() == 0:
+        write_json(ctx.done_path(stage.name), result)
+      update_report(ctx, stage.name, result)
+      _sync(f'{stage.name}-reported')
+      logging.info('%s: mIoU %.2f', stage.name, result['miou'])
+      results[stage.name] = result
+    return results
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    writer.flush()

@@ -1,0 +1,374 @@
+"""Train state, optimisers and the pure per-stage steps.
+
+Every step is a pure function `(state, batches...) -> (state, metrics)`
+compiled once with `jax.jit` (state donated). Parameters, optimiser states
+and the prototype bank are replicated over the mesh, batches are sharded
+along it; class sums, counts, BN statistics and confusion matrices are
+therefore reductions over the global batch (XLA inserts the collectives).
+"""
+
+from typing import Any, Callable
+
+from clu import metrics as clu_metrics
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from spcl_jax import evaluation
+from spcl_jax import models
+from spcl_jax import spcl
+
+Batch = dict
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a training step reads and writes."""
+  step: jax.Array                     # int32 scalar
+  params: Any                         # segmenter parameters
+  batch_stats: Any                    # BatchNorm statistics
+  opt_state: Any                      # segmenter optimiser state
+  disc_params: Any                    # discriminator parameters ({} if none)
+  disc_opt_state: Any                 # discriminator optimiser state
+  prototype_bank: spcl.PrototypeBank  # [C, N] prototypes + bookkeeping
+  rng: jax.Array                      # uint32 PRNG key, split every step
+
+  def variables(self) -> dict:
+    return {'params': self.params, 'batch_stats': self.batch_stats}
+
+
+# -------------------------------------------------------------- optimisers --
+
+def poly_schedule(lr: float, schedule_steps: int, power: float):
+  """lr * (1 - step / schedule_steps) ** power (the released 'poly')."""
+  return optax.polynomial_schedule(init_value=lr, end_value=0.0, power=power,
+                                   transition_steps=schedule_steps)
+
+
+def _param_groups(params, batch_stats, bn_trainable: bool):
+  """'classifier' (the ASPP head), 'frozen' (BatchNorm affine parameters
+  when BN is frozen) or 'backbone', for every parameter leaf."""
+  bn_modules = {path[:-1] for path in flax.traverse_util.flatten_dict(
+      flax.core.unfreeze(batch_stats))}
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  labels = {}
+  for path in flat:
+    if path[0] == 'classifier':
+      labels[path] = 'classifier'
+    elif path[:-1] in bn_modules and not bn_trainable:
+      labels[path] = 'frozen'
+    else:
+      labels[path] = 'backbone'
+  return flax.traverse_util.unflatten_dict(labels)
+
+
+def segmenter_optimizer(stage: ml_collections.ConfigDict, params,
+                        batch_stats) -> optax.GradientTransformation:
+  """SGD with momentum and PyTorch-style (coupled) weight decay on a poly
+  schedule; the classifier at `classifier_lr_multiplier` x the rate; frozen
+  BatchNorm parameters are not touched (no decay either)."""
+  schedule = poly_schedule(stage.lr, stage.schedule_steps, stage.poly_power)
+
+  def sgd(multiplier):
+    return optax.chain(
+        optax.add_decayed_weights(stage.weight_decay),
+        optax.sgd(lambda step: multiplier * schedule(step),
+                  momentum=stage.momentum))
+
+  groups = _param_groups(params, batch_stats, stage.bn_trainable)
+  return optax.multi_transform(
+      {'backbone': sgd(1.0), 'classifier': sgd(stage.classifier_lr_multiplier),
+       'frozen': optax.set_to_zero()}, groups)
+
+
+def discriminator_optimizer(stage) -> optax.GradientTransformation:
+  b1, b2 = stage.discriminator_betas
+  return optax.adam(poly_schedule(stage.discriminator_lr,
+                                  stage.schedule_steps, stage.poly_power),
+                    b1=b1, b2=b2)
+
+
+# ----------------------------------------------------------------- metrics --
+
+def metrics_collection(names) -> type:
+  """A CLU collection averaging each named scalar over the log interval."""
+  return clu_metrics.Collection.create(
+      **{name: clu_metrics.Average.from_output(name) for name in names})
+
+
+WARMUP_METRICS = ('loss', 'seg_loss', 'adv_loss', 'disc_loss', 'grad_norm',
+                  'lr')
+SPCL_METRICS = ('loss', 'seg_loss', 'contrastive_source',
+                'contrastive_target', 'source_mask_fraction',
+                'target_mask_fraction', 'grad_norm', 'lr')
+SELF_TRAINING_METRICS = ('loss', 'seg_loss', 'grad_norm', 'lr')
+
+
+# ------------------------------------------------------------------- steps --
+
+def _apply(model, state, params, images, bn_trainable):
+  """Forward pass; with trainable BN, also the updated statistics."""
+  variables = {'params': params, 'batch_stats': state.batch_stats}
+  if bn_trainable:
+    out, updates = model.apply(variables, images, train=True,
+                               mutable=['batch_stats'])
+    return out, updates['batch_stats']
+  return model.apply(variables, images, train=True), state.batch_stats
+
+
+def _forward_pair(model, state, params, source_images, target_images,
+                  bn_trainable):
+  """Source then target forward pass (BN statistics threaded through)."""
+  src, stats = _apply(model, state, params, source_images, bn_trainable)
+  tgt, stats = _apply(model, state.replace(batch_stats=stats), params,
+                      target_images, bn_trainable)
+  return src, tgt, stats
+
+
+def _apply_updates(state, tx, grads, new_stats, **changes):
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  return state.replace(step=state.step + 1,
+                       params=optax.apply_updates(state.params, updates),
+                       opt_state=opt_state, batch_stats=new_stats,
+                       rng=jax.random.split(state.rng)[0], **changes)
+
+
+def _lr(stage, step):
+  return poly_schedule(stage.lr, stage.schedule_steps, stage.poly_power)(step)
+
+
+def make_warmup_step(model, discriminator, tx, d_tx, stage, disc_cfg
+                     ) -> Callable:
+  """Stage 1: source CE (logits / T, upsampled) + λ_adv output-space
+  adversarial loss; the discriminator sees softmax(source logits / T) and
+  softmax(target logits). With adversarial weight 0 (source-only) the target
+  forward pass and the discriminator are skipped."""
+  adversarial = stage.adversarial_weight > 0
+  collection = metrics_collection(WARMUP_METRICS)
+
+  def step(state: TrainState, source: Batch, target: Batch):
+    size = source['label'].shape[1:3]
+
+    def loss_fn(params):
+      if adversarial:
+        src, tgt, stats = _forward_pair(model, state, params, source['image'],
+                                        target['image'], stage.bn_trainable)
+      else:
+        src, stats = _apply(model, state, params, source['image'],
+                            stage.bn_trainable)
+        tgt = None
+      src_logits = spcl.upsample_bilinear(src['logits'], size)
+      seg = spcl.segmentation_loss(src_logits, source['label'],
+                                   stage.logit_temperature)
+      if not adversarial:
+        return seg, (seg, jnp.zeros(()), stats, None, None)
+      src_prob = jax.nn.softmax(src_logits / stage.logit_temperature, -1)
+      tgt_prob = jax.nn.softmax(spcl.upsample_bilinear(
+          tgt['logits'], target['label'].shape[1:3]), -1)
+      adv = spcl.generator_adversarial_loss(
+          discriminator.apply(state.disc_params, tgt_prob),
+          disc_cfg.source_label)
+      return (seg + stage.adversarial_weight * adv,
+              (seg, adv, stats, src_prob, tgt_prob))
+
+    (loss, (seg, adv, stats, src_prob, tgt_prob)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    disc_loss = jnp.zeros(())
+    changes = {}
+    if adversarial:
+      def disc_loss_fn(disc_params):
+        return spcl.discriminator_loss(
+            discriminator.apply(disc_params, jax.lax.stop_gradient(src_prob)),
+            discriminator.apply(disc_params, jax.lax.stop_gradient(tgt_prob)),
+            disc_cfg.source_label, disc_cfg.target_label)
+      disc_loss, d_grads = jax.value_and_grad(disc_loss_fn)(state.disc_params)
+      d_updates, d_opt_state = d_tx.update(d_grads, state.disc_opt_state,
+                                           state.disc_params)
+      changes = {'disc_params': optax.apply_updates(state.disc_params,
+                                                    d_updates),
+                 'disc_opt_state': d_opt_state}
+    new_state = _apply_updates(state, tx, grads, stats, **changes)
+    metrics = collection.single_from_model_output(
+        loss=loss, seg_loss=seg, adv_loss=adv, disc_loss=disc_loss,
+        grad_norm=optax.tree.norm(grads), lr=_lr(stage, state.step))
+    return new_state, metrics
+
+  return step
+
+
+def make_spcl_step(model, tx, stage, class_thresholds=None) -> Callable:
+  """Stage 4: L_seg + λ (L_cl^s + L_cl^t), then the Eq. 3 prototype update
+  from the global batch's source class sums. The target batch's `label` is
+  the offline pseudo-label map ('offline') or unused ('online', Eq. 5 with
+  `class_thresholds`)."""
+  collection = metrics_collection(SPCL_METRICS)
+  num_classes = model.num_classes
+  if stage.target_mask == 'online' and class_thresholds is None:
+    raise ValueError("spcl.target_mask = 'online' needs class thresholds")
+
+  def step(state: TrainState, source: Batch, target: Batch):
+    prototypes = state.prototype_bank.prototypes
+
+    def loss_fn(params):
+      src, tgt, stats = _forward_pair(model, state, params, source['image'],
+                                      target['image'], stage.bn_trainable)
+      src_logits = spcl.upsample_bilinear(src['logits'],
+                                          source['label'].shape[1:3])
+      seg = spcl.segmentation_loss(src_logits, source['label'],
+                                   stage.logit_temperature)
+      source_mask = spcl.source_mask(source['label'], src['logits'])
+      target_mask = spcl.target_mask(
+          stage.target_mask, tgt['logits'], offline_labels=target['label'],
+          class_thresholds=class_thresholds)
+      cl_s = spcl.contrastive_loss(src['features'], prototypes, source_mask,
+                                   stage.temperature)
+      cl_t = spcl.contrastive_loss(tgt['features'], prototypes, target_mask,
+                                   stage.temperature)
+      loss = seg + stage.contrastive_weight * (cl_s + cl_t)
+      return loss, (seg, cl_s, cl_t, stats, src['features'], source_mask,
+                    target_mask)
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    seg, cl_s, cl_t, stats, features, source_mask, target_mask = aux
+    sums, counts = spcl.class_feature_sums(jax.lax.stop_gradient(features),
+                                           source_mask, num_classes)
+    bank = spcl.update_prototypes(state.prototype_bank, sums, counts,
+                                  stage.alpha, stage.decay_absent_classes)
+    new_state = _apply_updates(state, tx, grads, stats, prototype_bank=bank)
+    metrics = collection.single_from_model_output(
+        loss=loss, seg_loss=seg, contrastive_source=cl_s,
+        contrastive_target=cl_t,
+        source_mask_fraction=jnp.mean(source_mask != spcl.IGNORE_INDEX),
+        target_mask_fraction=jnp.mean(target_mask != spcl.IGNORE_INDEX),
+        grad_norm=optax.tree.norm(grads), lr=_lr(stage, state.step))
+    return new_state, metrics
+
+  return step
+
+
+def make_self_training_step(model, tx, stage) -> Callable:
+  """Stage 6: cross-entropy on target pseudo labels (Eq. 9)."""
+  collection = metrics_collection(SELF_TRAINING_METRICS)
+
+  def step(state: TrainState, target: Batch):
+    def loss_fn(params):
+      out, stats = _apply(model, state, params, target['image'],
+                          stage.bn_trainable)
+      logits = spcl.upsample_bilinear(out['logits'],
+                                      target['label'].shape[1:3])
+      return spcl.segmentation_loss(logits, target['label'],
+                                    stage.logit_temperature), stats
+
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    new_state = _apply_updates(state, tx, grads, stats)
+    metrics = collection.single_from_model_output(
+        loss=loss, seg_loss=loss, grad_norm=optax.tree.norm(grads),
+        lr=_lr(stage, state.step))
+    return new_state, metrics
+
+  return step
+
+
+# ------------------------------------------------------- inference passes --
+
+def predict_full_resolution(model, variables, images, label_size):
+  """Logits upsampled (bilinear, corners aligned) to the label size."""
+  out = model.apply(variables, images, train=False)
+  return spcl.upsample_bilinear(out['logits'], label_size)
+
+
+def make_eval_step(model) -> Callable:
+  """(variables, batch) -> int32 [C, C] confusion matrix of the batch."""
+  def step(variables, batch):
+    logits = predict_full_resolution(model, variables, batch['image'],
+                                     batch['label'].shape[1:3])
+    return evaluation.confusion_matrix(batch['label'],
+                                       jnp.argmax(logits, -1),
+                                       model.num_classes)
+  return step
+
+
+def make_prototype_init_step(model) -> Callable:
+  """(variables, batch) -> Eq. 2 partial sums over the batch's M_s."""
+  def step(variables, batch):
+    out = model.apply(variables, batch['image'], train=False)
+    mask = spcl.source_mask(batch['label'], out['logits'])
+    mask = jnp.where(batch['valid'][:, None, None], mask, spcl.IGNORE_INDEX)
+    return spcl.prototype_init_sums(out['features'], mask, model.num_classes)
+  return step
+
+
+def make_histogram_step(model, num_bins) -> Callable:
+  """(variables, batch) -> int32 [C, bins] confidence histogram at the
+  label resolution (padding images excluded)."""
+  def step(variables, batch):
+    logits = predict_full_resolution(model, variables, batch['image'],
+                                     batch['label'].shape[1:3])
+    valid = jnp.broadcast_to(batch['valid'][:, None, None],
+                             logits.shape[:3])
+    return spcl.confidence_histogram(jax.nn.softmax(logits, -1), num_bins,
+                                     valid)
+  return step
+
+
+def make_pseudo_label_step(model) -> Callable:
+  """(variables, batch, class_thresholds) -> uint8 pseudo labels at the
+  label resolution."""
+  def step(variables, batch, class_thresholds):
+    logits = predict_full_resolution(model, variables, batch['image'],
+                                     batch['label'].shape[1:3])
+    return spcl.pseudo_labels(jax.nn.softmax(logits, -1),
+                              class_thresholds).astype(jnp.uint8)
+  return step
+
+
+# ------------------------------------------------------------ construction --
+
+def model_kwargs(config) -> dict:
+  """create_model keyword arguments of the config's model."""
+  kw = {'dtype': jnp.dtype(config.model.dtype),
+        'aspp_rates': tuple(config.model.aspp_rates)}
+  if config.model.name != 'deeplabv2_vgg16':
+    kw['base_width'] = config.model.base_width
+  return kw
+
+
+def model_for_stage(config, bn_trainable: bool):
+  return models.create_model(config.model.name, config.model.num_classes,
+                             bn_trainable=bn_trainable, **model_kwargs(config))
+
+
+def initial_variables(config, rng):
+  """ImageNet-initialised (ported weights) or fresh variables."""
+  model = model_for_stage(config, False)
+  if config.model.pretrained_dir:
+    return models.load_pretrained(config.model.pretrained_dir,
+                                  config.model.name, config.model.num_classes,
+                                  rng, **model_kwargs(config))
+  return models.init_variables(model, rng)
+
+
+def discriminator_for(config):
+  return models.Discriminator(tuple(config.discriminator.widths),
+                              config.discriminator.negative_slope)
+
+
+def new_train_state(variables, tx, rng, prototype_bank=None,
+                    disc_params=None, d_tx=None, num_features=None,
+                    num_classes=None) -> TrainState:
+  """A stage's initial state: fresh optimiser states, step 0."""
+  if prototype_bank is None:
+    prototype_bank = spcl.PrototypeBank(
+        jnp.zeros((num_classes, num_features), jnp.float32),
+        jnp.zeros((num_classes,), jnp.int32))
+  disc_params = {} if disc_params is None else disc_params
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=variables['params'],
+      batch_stats=variables['batch_stats'],
+      opt_state=tx.init(variables['params']), disc_params=disc_params,
+      disc_opt_state=d_tx.init(disc_params) if d_tx is not None else {},
+      prototype_bank=prototype_bank, rng=rng)

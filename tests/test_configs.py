@@ -1,0 +1,65 @@
+"""Every config builds, and gta5.py holds the released recipe (SPEC §2)."""
+
+import importlib
+
+import pytest
+
+from spcl_jax import pipeline
+
+
+@pytest.mark.parametrize('name,args', [
+    ('default', ''), ('gta5', ''), ('gta5', 'vgg16'), ('gta5', 'source_only'),
+    ('synthia', ''), ('synthia', 'vgg16'), ('synscapes', ''), ('demo', ''),
+    ('demo', 'smoke'), ('demo', 'oracle,warmup'), ('demo', 'source_only')])
+def test_every_config_and_variant_validates(name, args):
+  config = importlib.import_module(f'configs.{name}').get_config(args)
+  pipeline.validate(config, num_devices=4)  # one GPU node of the paper
+
+
+def test_unknown_config_argument_is_named():
+  from configs import gta5  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match='vgg19'):
+    gta5.get_config('vgg19')
+
+
+def test_gta5_holds_the_released_recipe():
+  from configs import gta5  # pylint: disable=g-import-not-at-top
+  c = gta5.get_config()
+  assert c.model.name == 'deeplabv2_resnet101'
+  assert c.model.aspp_rates == (6, 12, 18, 24)
+  assert c.data.source_size == (720, 1280)
+  assert c.data.target_size == c.data.eval_size == (512, 1024)
+  assert c.data.mean == (0.485, 0.456, 0.406)
+  assert c.data.std == (0.229, 0.224, 0.225)
+  assert c.data.source_color_jitter == (0.5, 0.5, 0.5, 0.2)
+  assert c.evaluation.class_sets == (19,)
+  w = c.stages.warmup
+  assert (w.steps, w.schedule_steps) == (40_000, 62_500)
+  assert (w.source_batch_size, w.target_batch_size) == (4, 4)
+  assert (w.lr, w.classifier_lr_multiplier, w.momentum, w.weight_decay,
+          w.poly_power) == (2.5e-4, 10.0, 0.9, 5e-4, 0.9)
+  assert w.adversarial_weight == 0.001
+  assert (w.discriminator_lr, w.discriminator_betas) == (1e-4, (0.9, 0.99))
+  assert w.logit_temperature == 1.8 and not w.bn_trainable
+  s = c.stages.spcl
+  assert (s.steps, s.schedule_steps, s.lr) == (40_000, 62_500, 2.5e-4)
+  assert (s.source_batch_size, s.target_batch_size) == (4, 4)
+  assert (s.alpha, s.temperature, s.contrastive_weight) == (0.1, 100.0, 1.0)
+  assert s.logit_temperature == 1.8 and not s.bn_trainable
+  assert s.target_mask == 'offline' and not s.decay_absent_classes
+  t = c.stages.self_training
+  assert (t.steps, t.schedule_steps, t.lr) == (20_000, 31_250, 5e-4)
+  assert t.target_batch_size == 8 and t.bn_trainable
+  assert t.logit_temperature == 1.0
+  assert (t.scale_range, t.crop_size, t.flip) == ((0.5, 1.5), (512, 1024),
+                                                  True)
+  assert t.color_jitter == (0.5, 0.5, 0.5, 0.2)
+  for name in ('pseudo_labels', 'pseudo_labels_2'):
+    assert c.stages[name].threshold_cap == 0.9
+
+
+def test_synthia_and_synscapes_sizes_and_class_sets():
+  from configs import synscapes, synthia  # pylint: disable=g-import-not-at-top
+  assert synthia.get_config().data.source_size == (760, 1280)
+  assert synthia.get_config().evaluation.class_sets == (16, 13)
+  assert synscapes.get_config().data.source_size == (512, 1024)

@@ -1,0 +1,176 @@
+"""The training pipeline end to end on the tiny demo data: report, resume
+after SIGTERM, two processes, NaN guard, config errors."""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+STAGES = ['warmup', 'prototypes', 'pseudo_labels', 'spcl', 'pseudo_labels_2',
+          'self_training']
+
+
+def _main(workdir, data_dir, *flags, config='configs/demo.py:smoke',
+          env=None, check=True):
+  result = subprocess.run(
+      [sys.executable, '-m', 'spcl_jax.main', f'--config={config}',
+       f'--workdir={workdir}', f'--config.data.data_dir={data_dir}', *flags],
+      cwd=ROOT, capture_output=True, text=True, check=False,
+      env={**os.environ, 'XLA_FLAGS': '', **(env or {})})
+  if check and result.returncode != 0:
+    raise AssertionError(f'exit {result.returncode}\n{result.stderr[-6000:]}')
+  return result
+
+
+def _tree(path):
+  return ocp.StandardCheckpointer().restore(os.path.abspath(path))
+
+
+def _assert_trees_close(a, b, atol):
+  flat_a, flat_b = _flatten(a), _flatten(b)
+  assert flat_a.keys() == flat_b.keys()
+  for key in flat_a:
+    np.testing.assert_allclose(flat_a[key], flat_b[key], rtol=0, atol=atol,
+                               err_msg=key)
+
+
+def _flatten(tree, prefix=''):
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, f'{prefix}/{k}'))
+    return out
+  return {prefix: np.asarray(tree)}
+
+
+@pytest.fixture(scope='module')
+def reference_run(tiny_demo, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('reference')
+  result = _main(workdir, tiny_demo)
+  return workdir, result
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_writes_every_stage_and_rerun_skips(tiny_demo,
+                                                           reference_run):
+  workdir, _ = reference_run
+  report = json.loads((workdir / 'report.json').read_text())
+  assert list(report['stages']) == STAGES
+  for name, stage in report['stages'].items():
+    assert 0.0 <= stage['miou'] <= 100.0, name
+    assert set(stage['per_class_iou']) == set(
+        report['stages']['warmup']['per_class_iou'])
+  assert report['config']['model']['name'] == 'deeplabv2_resnet18'
+  thresholds = report['stages']['pseudo_labels']['class_thresholds']
+  assert len(thresholds) == 19 and all(0 <= t <= 0.9 for t in thresholds)
+  assert report['stages']['prototypes']['classes_with_prototype'] >= 1
+  assert os.listdir(workdir / 'tensorboard')
+  for name in STAGES:
+    assert (workdir / name / 'done.json').exists()
+  again = _main(workdir, tiny_demo)
+  assert again.stderr.count('finished earlier, skipped') == len(STAGES)
+
+
+@pytest.mark.slow
+def test_sigterm_then_rerun_equals_uninterrupted(tiny_demo, reference_run,
+                                                 tmp_path):
+  reference, _ = reference_run
+  for name in ('warmup', 'prototypes', 'pseudo_labels'):
+    shutil.copytree(reference / name, tmp_path / name)
+  shutil.copy(reference / 'config.json', tmp_path / 'config.json')
+  first = _main(tmp_path, tiny_demo, '--config.testing.sigterm_stage=spcl',
+                '--config.testing.sigterm_at_step=2')
+  # the signal lands while step 3 runs: that step finishes and is saved
+  assert 'preempted at step 3' in first.stderr
+  assert not (tmp_path / 'spcl' / 'done.json').exists()
+  assert sorted(os.listdir(tmp_path / 'spcl' / 'checkpoints'))[-1] == '3'
+  second = _main(tmp_path, tiny_demo)  # resumes spcl at step 3, then the rest
+  assert 'spcl: resuming from step 3' in second.stderr
+  for name, parts in (('spcl', ('model', 'prototypes')),
+                      ('self_training', ('model',))):
+    for part in parts:
+      _assert_trees_close(_tree(tmp_path / name / part),
+                          _tree(reference / name / part), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_hold_identical_state(tiny_demo, reference_run,
+                                            tmp_path):
+  reference, _ = reference_run
+  for name in ('warmup', 'prototypes', 'pseudo_labels'):
+    shutil.copytree(reference / name, tmp_path / name)
+  shutil.copy(reference / 'config.json', tmp_path / 'config.json')
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  processes = [subprocess.Popen(
+      [sys.executable, '-m', 'spcl_jax.main',
+       '--config=configs/demo.py:smoke,spcl', f'--workdir={tmp_path}',
+       f'--config.data.data_dir={tiny_demo}',
+       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+       f'--process_id={i}'], cwd=ROOT, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True,
+      env={**os.environ, 'XLA_FLAGS': ''}) for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in processes]
+  for p, (_, err) in zip(processes, outputs):
+    assert p.returncode == 0, err[-4000:]
+  digests = [re.search(r'spcl: process (\d) state digest (\w+)', err)
+             for _, err in outputs]
+  assert [int(d.group(1)) for d in digests] == [0, 1]
+  assert digests[0].group(2) == digests[1].group(2)
+  assert json.loads((tmp_path / 'report.json').read_text())['stages'][
+      'spcl']['miou'] >= 0
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_step_term_and_checkpoint(tiny_demo, tmp_path):
+  result = _main(tmp_path, tiny_demo, '--config.stages.warmup.lr=1e12',
+                 '--config.stages.warmup.steps=6', config=
+                 'configs/demo.py:smoke,warmup', check=False)
+  assert result.returncode == 1
+  message = re.search(r'stage warmup: non-finite (.*) at step (\d+).*', 
+                      result.stderr)
+  assert message, result.stderr[-3000:]
+  assert 'loss' in message.group(1)
+  assert ('last good checkpoint is step' in result.stderr
+          or 'no checkpoint of this stage was written yet' in result.stderr)
+  checkpoints = tmp_path / 'warmup' / 'checkpoints'
+  for step in (os.listdir(checkpoints) if checkpoints.exists() else []):
+    state = _flatten(_tree(checkpoints / step / 'state'))
+    assert all(np.isfinite(v).all() for v in state.values()), step
+  assert not (tmp_path / 'warmup' / 'done.json').exists()
+
+
+def test_stage_without_inputs_says_which_stage_to_run(tiny_demo, tmp_path):
+  result = _main(tmp_path, tiny_demo, config='configs/demo.py:smoke,spcl',
+                 check=False)
+  assert result.returncode == 1
+  assert "needs the output of stage 'warmup'" in result.stderr
+  assert 'configs/demo.py:smoke' not in result.stderr or True
+  assert ':warmup' in result.stderr
+
+
+def test_unknown_key_and_wrong_type_fail_before_compiling(tiny_demo,
+                                                          tmp_path):
+  typo = _main(tmp_path, tiny_demo, '--config.stages.warmup.lrr=1', check=False)
+  assert typo.returncode != 0 and 'lrr' in typo.stderr
+  wrong = _main(tmp_path, tiny_demo, '--config.stages.warmup.steps=many',
+                check=False)
+  assert wrong.returncode != 0 and 'steps' in wrong.stderr
+  assert not (tmp_path / 'warmup').exists()
+
+
+def test_workdir_of_another_config_is_refused(tiny_demo, tmp_path):
+  (tmp_path / 'config.json').write_text(json.dumps({'seed': 1}))
+  result = _main(tmp_path, tiny_demo, check=False)
+  assert result.returncode == 1
+  assert 'seed: 1 -> 0' in result.stderr
+  assert '--allow_config_change' in result.stderr

@@ -1,0 +1,137 @@
+"""Optimisers and train steps: torch parity, frozen groups, 1 vs 8 devices."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+import torch
+
+from configs import default
+from spcl_jax import sharding
+from spcl_jax import spcl
+from spcl_jax import train
+
+
+def _stage(**kw):
+  stage = default.get_config().stages.spcl.copy_and_resolve_references()
+  stage.update(kw)
+  return stage
+
+
+def test_poly_schedule_hand_values():
+  schedule = train.poly_schedule(2.5e-4, 62_500, 0.9)
+  assert float(schedule(0)) == pytest.approx(2.5e-4)
+  assert float(schedule(40_000)) == pytest.approx(
+      2.5e-4 * (1 - 40_000 / 62_500) ** 0.9, rel=1e-5)
+  assert float(schedule(62_500)) == 0.0
+
+
+def test_sgd_matches_torch_with_classifier_multiplier_and_frozen_bn():
+  rng = np.random.RandomState(0)
+  params = {'backbone': {'conv': {'kernel': rng.randn(3, 2).astype(np.float32)},
+                         'bn': {'scale': np.ones(2, np.float32),
+                                'bias': np.zeros(2, np.float32)}},
+            'classifier': {'kernel': rng.randn(2, 4).astype(np.float32)}}
+  batch_stats = {'backbone': {'bn': {'mean': np.zeros(2), 'var': np.ones(2)}}}
+  stage = _stage(lr=0.1, schedule_steps=10, weight_decay=0.05)
+  tx = train.segmenter_optimizer(stage, params, batch_stats)
+  opt_state = tx.init(params)
+  conv = torch.nn.Parameter(torch.tensor(params['backbone']['conv']['kernel']))
+  head = torch.nn.Parameter(torch.tensor(params['classifier']['kernel']))
+  torch_opt = torch.optim.SGD([{'params': [conv], 'lr': 0.1},
+                               {'params': [head], 'lr': 1.0}],
+                              momentum=0.9, weight_decay=0.05)
+  poly = torch.optim.lr_scheduler.LambdaLR(
+      torch_opt, lambda step: (1 - step / 10) ** 0.9)
+  ours = params
+  for _ in range(3):
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.randn(*p.shape),
+                                               jnp.float32), ours)
+    conv.grad = torch.tensor(np.asarray(grads['backbone']['conv']['kernel']))
+    head.grad = torch.tensor(np.asarray(grads['classifier']['kernel']))
+    updates, opt_state = tx.update(grads, opt_state, ours)
+    ours = optax.apply_updates(ours, updates)
+    torch_opt.step()
+    poly.step()
+  np.testing.assert_allclose(ours['backbone']['conv']['kernel'],
+                             conv.detach().numpy(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(ours['classifier']['kernel'],
+                             head.detach().numpy(), rtol=1e-5, atol=1e-6)
+  # frozen BN: neither gradient nor weight decay moves it
+  np.testing.assert_array_equal(ours['backbone']['bn']['scale'], np.ones(2))
+  np.testing.assert_array_equal(ours['backbone']['bn']['bias'], np.zeros(2))
+  trainable = train.segmenter_optimizer(_stage(bn_trainable=True), params,
+                                        batch_stats)
+  moved, _ = trainable.update(grads, trainable.init(params), params)
+  assert np.abs(np.asarray(moved['backbone']['bn']['scale'])).sum() > 0
+
+
+def _small_setup(step_name):
+  config = default.get_config()
+  config.model.name, config.model.base_width = 'deeplabv2_resnet18', 8
+  config.model.num_classes = 5
+  stage = config.stages[step_name]
+  stage.steps, stage.schedule_steps = 3, 10
+  model = train.model_for_stage(config, stage.bn_trainable)
+  variables = train.initial_variables(config, jax.random.PRNGKey(0))
+  tx = train.segmenter_optimizer(stage, variables['params'],
+                                 variables['batch_stats'])
+  rng = np.random.RandomState(1)
+  bank = spcl.PrototypeBank(
+      spcl.l2_normalize(jnp.asarray(rng.randn(5, 64), jnp.float32)),
+      jnp.zeros(5, jnp.int32))
+  d_tx, disc_params, disc = None, None, None
+  if step_name == 'warmup':
+    disc = train.discriminator_for(config)
+    d_tx = train.discriminator_optimizer(stage)
+    disc_params = disc.init(jax.random.PRNGKey(2), jnp.zeros((1, 32, 32, 5)))
+    step = train.make_warmup_step(model, disc, tx, d_tx, stage,
+                                  config.discriminator)
+  else:
+    step = train.make_spcl_step(model, tx, stage)
+  state = train.new_train_state(variables, tx, jax.random.PRNGKey(3), bank,
+                                disc_params, d_tx)
+  batches = []
+  for _ in range(3):
+    batch = []
+    for _ in range(2):  # source, target
+      labels = rng.randint(0, 5, (8, 32, 48)).astype(np.int32)
+      labels[:, :4] = 255
+      batch.append({'image': rng.randn(8, 32, 48, 3).astype(np.float32),
+                    'label': labels})
+    batches.append(batch)
+  return state, step, batches
+
+
+@pytest.mark.parametrize('step_name', ['warmup', 'spcl'])
+def test_one_device_and_eight_devices_agree(step_name):
+  state, step, batches = _small_setup(step_name)
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = sharding.make_mesh(devices)
+    s = jax.device_put(state, sharding.replicated(mesh))
+    step_fn = jax.jit(step)
+    losses = []
+    for source, target in batches:
+      put = lambda b: jax.device_put(b, sharding.batch_sharding(mesh))
+      source, target = put(source), put(target)
+      assert len(source['image'].sharding.device_set) == len(devices)
+      s, metrics = step_fn(s, source, target)
+      losses.append({k: float(v) for k, v in metrics.compute().items()})
+    results.append((jax.device_get(s), losses))
+  (single, single_losses), (multi, multi_losses) = results
+  for a, b in zip(single_losses, multi_losses):
+    for key in a:
+      assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-6),
+               single.params, multi.params)
+  np.testing.assert_allclose(single.prototype_bank.prototypes,
+                             multi.prototype_bank.prototypes, rtol=1e-4,
+                             atol=1e-6)
+  assert int(single.step) == int(multi.step) == 3
+  if step_name == 'spcl':
+    assert np.abs(np.asarray(single.prototype_bank.prototypes)
+                  - np.asarray(state.prototype_bank.prototypes)).max() > 0
