@@ -28,6 +28,9 @@ _DEMO_COUNTS = flags.DEFINE_list('demo_counts', None, 'sim2real_demo: images '
                                  'in source_train,target_train,target_val')
 _DEMO_SIZE = flags.DEFINE_list('demo_size', None, 'sim2real_demo: height,width')
 _DEMO_SEED = flags.DEFINE_integer('demo_seed', None, 'sim2real_demo: seed')
+_SKIP_CORRUPT = flags.DEFINE_bool(
+    'skip_corrupt', False, 'skip (and record) unreadable files instead of '
+    'failing the build')
 
 
 def _ints(name, values, count):
@@ -62,7 +65,8 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = (demo_config_from_flags() if _DATASET.value == 'sim2real_demo'
             else _CONFIG.value)
-  builder = builders.build(_DATASET.value, _DATA_DIR.value, config, _MANUAL_DIR.value)
+  builder = builders.build(_DATASET.value, _DATA_DIR.value, config,
+                           _MANUAL_DIR.value, _SKIP_CORRUPT.value)
   logging.info('built %s into %s', builder.info.full_name, builder.data_dir)
   print(f'{builder.info.full_name}: {builder.data_dir}')
   for name, split in builder.info.splits.items():

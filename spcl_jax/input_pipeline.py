@@ -49,26 +49,40 @@ def build_command(dataset: str, data_dir: str) -> str:
           f'--data_dir {data_dir}{manual}')
 
 
-def open_source(dataset: str, split: str, data_dir: str):
-  """`tfds.data_source(dataset, split=split, data_dir=data_dir)` of a built
-  dataset, or `DatasetNotBuiltError` naming the dataset, the directory
-  looked in and the exact build command."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  data_dir = os.path.abspath(data_dir)
+def dataset_directory(dataset: str, data_dir: str) -> str:
+  """DATA_DIR/NAME[/CONFIG]/VERSION of the newest complete build, or
+  `DatasetNotBuiltError` naming the dataset, the directory looked in and
+  the exact build command. Only directories holding `dataset_info.json` are
+  complete: TFDS renames a build there when it has finished."""
+  data_dir = os.path.abspath(os.path.expanduser(data_dir))
   name, _, config = dataset.partition('/')
   where = os.path.join(data_dir, name, *([config] if config else []))
-  try:
-    return tfds.data_source(dataset, split=split, data_dir=data_dir,
-                            download=False)
-  except Exception as e:  # TFDS raises several types for "not there"
-    if isinstance(e, ValueError) and 'split' in str(e).lower() and (
-        os.path.isdir(where)):
-      raise ValueError(f'dataset {dataset!r} in {where} has no split '
-                       f'{split!r}: {e}') from e
+  versions = []
+  if os.path.isdir(where):
+    for entry in os.listdir(where):
+      parts = entry.split('.')
+      if (len(parts) == 3 and all(p.isdigit() for p in parts) and
+          os.path.exists(os.path.join(where, entry, 'dataset_info.json'))):
+        versions.append(tuple(int(p) for p in parts))
+  if not versions:
     raise DatasetNotBuiltError(
         f'dataset {dataset!r} is not built in {data_dir} (looked in '
-        f'{where}); build it with:\n  {build_command(dataset, data_dir)}'
-    ) from e
+        f'{where}); build it with:\n  {build_command(dataset, data_dir)}')
+  return os.path.join(where, '.'.join(map(str, max(versions))))
+
+
+def open_source(dataset: str, split: str, data_dir: str):
+  """The ArrayRecord data source of one split of a built dataset.
+
+  Reads the build's own files (`tfds.builder_from_directory`), so it needs
+  no registered builder class — and is not confused by TFDS's own, different
+  `cityscapes` builder."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder_from_directory(dataset_directory(dataset, data_dir))
+  if split not in builder.info.splits:
+    raise ValueError(f'dataset {dataset!r} in {builder.data_dir} has no split '
+                     f'{split!r}; it has {sorted(builder.info.splits)}')
+  return builder.as_data_source(split=split)
 
 
 # -------------------------------------------------------- pseudo labels ----
@@ -438,16 +452,21 @@ def local_batch_size(global_batch_size: int) -> int:
   return global_batch_size // count
 
 
+def _resolve(spec, source, process_index, process_count):
+  """Defaults: the spec's data source, this process among all processes."""
+  if source is None:
+    source = open_source(spec.dataset, spec.split, spec.data_dir)
+  return (source,
+          jax.process_index() if process_index is None else process_index,
+          jax.process_count() if process_count is None else process_count)
+
+
 def train_loader(spec: PipelineSpec, source=None,
                  process_index: int | None = None,
                  process_count: int | None = None) -> grain.DataLoader:
   """An endless, shuffled, per-process-sharded loader of local batches."""
-  source = open_source(spec.dataset, spec.split, spec.data_dir) if (
-      source is None) else source
-  process_index = jax.process_index() if process_index is None else (
-      process_index)
-  process_count = jax.process_count() if process_count is None else (
-      process_count)
+  source, process_index, process_count = _resolve(
+      spec, source, process_index, process_count)
   local = spec.global_batch_size // process_count
   if local * process_count != spec.global_batch_size:
     raise ValueError(f'global batch size {spec.global_batch_size} is not '
@@ -486,12 +505,8 @@ def eval_batches(spec: PipelineSpec, source=None,
   """Every record of the split exactly once (this process's share), in
   local batches padded with `valid=False`, label-255 elements; every process
   yields the same number of batches so that collectives stay in step."""
-  source = open_source(spec.dataset, spec.split, spec.data_dir) if (
-      source is None) else source
-  process_index = jax.process_index() if process_index is None else (
-      process_index)
-  process_count = jax.process_count() if process_count is None else (
-      process_count)
+  source, process_index, process_count = _resolve(
+      spec, source, process_index, process_count)
   local = spec.global_batch_size // process_count
   per_process = -(-len(source) // process_count)
   num_batches = -(-per_process // local)

@@ -29,11 +29,18 @@ def _id_to_trainid() -> np.ndarray:
 
 # Lookup table: Cityscapes / GTA5 / Synscapes label id (0..255) -> trainId.
 ID_TO_TRAINID = _id_to_trainid()
+# The same as a mapping of the ids that have a trainId, and every id the
+# Cityscapes table defines (ids outside it are reported by the builders).
+CITYSCAPES_ID_TO_TRAINID = {int(i): int(t) for i, t in enumerate(ID_TO_TRAINID)
+                            if t != IGNORE_LABEL}
+CITYSCAPES_IDS = frozenset(l.id for l in cs_labels.labels if l.id >= 0)
 
 # SYNTHIA-RAND-CITYSCAPES raw class id -> trainId (its 16 classes).
 SYNTHIA_ID_TO_TRAINID = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7,
                          6: 8, 1: 10, 10: 11, 17: 12, 8: 13, 19: 15, 12: 17,
                          11: 18}
+# SYNTHIA's class ids: 0 void ... 22 lane marking.
+SYNTHIA_IDS = frozenset(range(23))
 
 
 def _names_to_ids(names):

@@ -148,7 +148,7 @@ def make_warmup_step(model, discriminator, tx, d_tx, stage, disc_cfg
   adversarial = stage.adversarial_weight > 0
   collection = metrics_collection(WARMUP_METRICS)
 
-  def step(state: TrainState, source: Batch, target: Batch):
+  def step(state: TrainState, source: Batch, target: Batch | None = None):
     size = source['label'].shape[1:3]
 
     def loss_fn(params):

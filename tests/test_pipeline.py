@@ -51,6 +51,12 @@ def _flatten(tree, prefix=''):
   return {prefix: np.asarray(tree)}
 
 
+def _copy_stages_before_spcl(reference, workdir):
+  for name in ('warmup', 'prototypes', 'pseudo_labels'):
+    shutil.copytree(reference / name, workdir / name)
+  shutil.copy(reference / 'config.json', workdir / 'config.json')
+
+
 @pytest.fixture(scope='module')
 def reference_run(tiny_demo, tmp_path_factory):
   workdir = tmp_path_factory.mktemp('reference')
@@ -83,9 +89,7 @@ def test_smoke_pipeline_writes_every_stage_and_rerun_skips(tiny_demo,
 def test_sigterm_then_rerun_equals_uninterrupted(tiny_demo, reference_run,
                                                  tmp_path):
   reference, _ = reference_run
-  for name in ('warmup', 'prototypes', 'pseudo_labels'):
-    shutil.copytree(reference / name, tmp_path / name)
-  shutil.copy(reference / 'config.json', tmp_path / 'config.json')
+  _copy_stages_before_spcl(reference, tmp_path)
   first = _main(tmp_path, tiny_demo, '--config.testing.sigterm_stage=spcl',
                 '--config.testing.sigterm_at_step=2')
   # the signal lands while step 3 runs: that step finishes and is saved
@@ -105,9 +109,7 @@ def test_sigterm_then_rerun_equals_uninterrupted(tiny_demo, reference_run,
 def test_two_processes_hold_identical_state(tiny_demo, reference_run,
                                             tmp_path):
   reference, _ = reference_run
-  for name in ('warmup', 'prototypes', 'pseudo_labels'):
-    shutil.copytree(reference / name, tmp_path / name)
-  shutil.copy(reference / 'config.json', tmp_path / 'config.json')
+  _copy_stages_before_spcl(reference, tmp_path)
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]

@@ -68,12 +68,23 @@ def test_sgd_matches_torch_with_classifier_multiplier_and_frozen_bn():
   assert np.abs(np.asarray(moved['backbone']['bn']['scale'])).sum() > 0
 
 
-def _small_setup(step_name):
+def test_source_only_warmup_needs_no_target_batch():
+  state, step, batches = _small_setup('warmup', adversarial_weight=0.0)
+  new_state, metrics = jax.jit(step)(state, batches[0][0])
+  values = metrics.compute()
+  assert float(values['adv_loss']) == 0.0 and float(values['disc_loss']) == 0
+  assert int(new_state.step) == 1
+  jax.tree.map(np.testing.assert_array_equal, new_state.disc_params,
+               state.disc_params)
+
+
+def _small_setup(step_name, **stage_overrides):
   config = default.get_config()
   config.model.name, config.model.base_width = 'deeplabv2_resnet18', 8
   config.model.num_classes = 5
   stage = config.stages[step_name]
   stage.steps, stage.schedule_steps = 3, 10
+  stage.update(stage_overrides)
   model = train.model_for_stage(config, stage.bn_trainable)
   variables = train.initial_variables(config, jax.random.PRNGKey(0))
   tx = train.segmenter_optimizer(stage, variables['params'],

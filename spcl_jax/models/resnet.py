@@ -20,16 +20,20 @@ from spcl_jax.models.layers import BatchNorm, conv
 Dtype = Any
 
 
-class BasicBlock(nn.Module):
-  """ResNet-18/34 block. torchvision refuses dilation here; we dilate both 3x3
-  convolutions the way the bottleneck dilates its single 3x3: the first block
-  of a dilated stage uses the previous dilation, later blocks the new one."""
+class _Block(nn.Module):
+  """Fields shared by the residual blocks."""
   planes: int
   stride: int = 1
   dilation: int = 1
   downsample: bool = False
   bn_trainable: bool = False
   dtype: Dtype = jnp.float32
+
+
+class BasicBlock(_Block):
+  """ResNet-18/34 block. torchvision refuses dilation here; we dilate both 3x3
+  convolutions the way the bottleneck dilates its single 3x3: the first block
+  of a dilated stage uses the previous dilation, later blocks the new one."""
   expansion = 1
 
   @nn.compact
@@ -48,14 +52,8 @@ class BasicBlock(nn.Module):
     return nn.relu(out + x)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
   """ResNet-50/101 block, torchvision v1.5 (stride on the 3x3 conv)."""
-  planes: int
-  stride: int = 1
-  dilation: int = 1
-  downsample: bool = False
-  bn_trainable: bool = False
-  dtype: Dtype = jnp.float32
   expansion = 4
 
   @nn.compact
