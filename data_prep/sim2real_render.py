@@ -5,14 +5,18 @@ label uint8 [H, W])` with labels in the 19-class Cityscapes trainId space
 (255 = ignore), deterministically from the seed sequence.
 
 One scene grammar, two domains:
-  * "synthetic" (source): flat-shaded classes, sharp edges, clean colours, a
-    high camera (horizon at ~40 % of the height), many cars.
+  * "synthetic" (source): flat-shaded classes, sharp edges, clean colours,
+    simple shapes (box cars, ellipse people), a high camera (horizon at
+    32-40 % of the height), many cars.
   * "real" (target): the same grammar rendered with another appearance
-    model — a shifted palette, random car and clothing colours, per-class
-    textures, window grids and lane marks, lighting and colour cast, cast
-    shadows, blur, sensor noise, JPEG artefacts — plus a lower, wider camera
-    (horizon at ~52 %, wider road, an ego-vehicle hood labelled 255) and
-    shifted class frequencies (more people, bicycles and poles, fewer cars).
+    model — a shifted palette, random car and clothing colours, per-image
+    materials (road, pavement, sky mood), facade and foliage colours,
+    per-class textures, window grids and lane marks, haze, lighting and
+    colour cast, cast shadows, blur, sensor noise, JPEG artefacts — other
+    shapes (rounded cars with windows and wheels, people with legs), a
+    lower, wider camera (horizon at 52-60 %, wider road, an ego-vehicle hood
+    labelled 255) and shifted class frequencies (more people, bicycles and
+    poles, fewer cars).
 
 Classes used (trainIds): road 0, sidewalk 1, building 2, fence 4, pole 5,
 traffic sign 7, vegetation 8, sky 10, person 11, car 13, bicycle 18 — the
@@ -49,8 +53,8 @@ class Frequencies(NamedTuple):  # (low, high) object counts per image
   fences: tuple
 
 
-CAMERAS = {'synthetic': Camera((0.36, 0.44), (0.35, 0.45), False),
-           'real': Camera((0.48, 0.56), (0.5, 0.65), True)}
+CAMERAS = {'synthetic': Camera((0.32, 0.40), (0.35, 0.45), False),
+           'real': Camera((0.52, 0.60), (0.5, 0.65), True)}
 FREQUENCIES = {
     'synthetic': Frequencies((3, 7), (0, 3), (0, 1), (1, 4), (1, 3), (0, 1)),
     'real': Frequencies((1, 4), (2, 7), (1, 3), (3, 7), (2, 5), (1, 2)),
@@ -80,13 +84,17 @@ class Canvas:
     self.label = np.full((height, width), SKY, np.uint8)
     self.obj = np.zeros((height, width), np.int32)
     self.objects = [SKY]  # object index -> class
+    self.dark = set()     # indices of objects painted in a dark colour
     self.rows = np.arange(height)[:, None]
     self.cols = np.arange(width)[None, :]
 
-  def paint(self, cls, mask, box=None):
-    """Paints `mask` (full-size bool, or bool over `box` = (y0, y1, x0, x1))."""
+  def paint(self, cls, mask, box=None, dark=False):
+    """Paints `mask` (full-size bool, or bool over `box` = (y0, y1, x0, x1));
+    `dark` parts (windows, wheels, trousers) get a dark colour."""
     index = len(self.objects)
     self.objects.append(cls)
+    if dark:
+      self.dark.add(index)
     if box is None:
       self.label[mask] = cls
       self.obj[mask] = index
@@ -99,12 +107,12 @@ class Canvas:
     self.label[y0:y1, x0:x1][sub] = cls
     self.obj[y0:y1, x0:x1][sub] = index
 
-  def rect(self, cls, y0, y1, x0, x1):
+  def rect(self, cls, y0, y1, x0, x1, dark=False):
     y0, y1, x0, x1 = (int(round(v)) for v in (y0, y1, x0, x1))
     self.paint(cls, np.ones((max(y1 - y0, 0), max(x1 - x0, 0)), bool),
-               (y0, y1, x0, x1))
+               (y0, y1, x0, x1), dark)
 
-  def ellipse(self, cls, cy, cx, ry, rx, ring=0.0):
+  def ellipse(self, cls, cy, cx, ry, rx, ring=0.0, dark=False):
     ry, rx = max(ry, 0.6), max(rx, 0.6)
     y0, y1 = int(np.floor(cy - ry)), int(np.ceil(cy + ry)) + 1
     x0, x1 = int(np.floor(cx - rx)), int(np.ceil(cx + rx)) + 1
@@ -114,7 +122,7 @@ class Canvas:
     mask = r <= 1.0
     if ring:
       mask &= r >= (1.0 - ring) ** 2
-    self.paint(cls, mask, (y0, y1, x0, x1))
+    self.paint(cls, mask, (y0, y1, x0, x1), dark)
 
 
 def _layout(rng, domain, canvas):
@@ -203,8 +211,17 @@ def _layout(rng, domain, canvas):
     ch = cw * rng.uniform(0.45, 0.6)
 
     def car(y=y, x=x, cw=cw, ch=ch):
-      canvas.rect(CAR, y - ch * 0.6, y, x, x + cw)
-      canvas.rect(CAR, y - ch, y - ch * 0.55, x + cw * 0.2, x + cw * 0.8)
+      if domain == 'synthetic':  # two boxes
+        canvas.rect(CAR, y - ch * 0.6, y, x, x + cw)
+        canvas.rect(CAR, y - ch, y - ch * 0.55, x + cw * 0.2, x + cw * 0.8)
+        return
+      # rounded cabin, dark windows and wheels
+      canvas.rect(CAR, y - ch * 0.6, y - ch * 0.12, x, x + cw)
+      canvas.ellipse(CAR, y - ch * 0.6, x + cw / 2, ch * 0.4, cw * 0.33)
+      canvas.rect(CAR, y - ch * 0.85, y - ch * 0.62, x + cw * 0.25,
+                  x + cw * 0.75, dark=True)
+      for cx in (x + cw * 0.22, x + cw * 0.78):
+        canvas.ellipse(CAR, y - ch * 0.14, cx, ch * 0.14, cw * 0.1, dark=True)
     objects.append((y, car))
 
   for _ in range(rng.integers(*freq.persons, endpoint=True)):
@@ -214,7 +231,13 @@ def _layout(rng, domain, canvas):
     ph = h * (0.08 + 0.4 * s)
 
     def person(y=y, x=x, ph=ph):
-      canvas.ellipse(PERSON, y - ph * 0.45, x, ph * 0.4, ph * 0.12)
+      if domain == 'synthetic':  # a body and a head
+        canvas.ellipse(PERSON, y - ph * 0.45, x, ph * 0.4, ph * 0.12)
+      else:  # torso, two legs, a head
+        canvas.ellipse(PERSON, y - ph * 0.62, x, ph * 0.22, ph * 0.11)
+        for dx in (-0.05, 0.05):
+          canvas.rect(PERSON, y - ph * 0.45, y, x + ph * dx - ph * 0.03,
+                      x + ph * dx + ph * 0.03 + 0.6, dark=True)
       canvas.ellipse(PERSON, y - ph * 0.9, x, ph * 0.1, ph * 0.08)
     objects.append((y, person))
 
@@ -243,17 +266,42 @@ def _layout(rng, domain, canvas):
   return horizon, road_edges
 
 
+# Per-image material choices of the real-like domain (RGB).
+SIDEWALK_MATERIALS = ((160, 150, 135), (150, 75, 60), (120, 120, 125),
+                      (185, 180, 170))
+SKY_MOODS = ((200, 215, 230), (150, 185, 225), (215, 215, 210),
+             (235, 190, 150))
+
+
 def _object_colours(rng, canvas, domain):
-  palette = SYNTHETIC_PALETTE if domain == 'synthetic' else REAL_PALETTE
+  """One colour per painted object. Synthetic: the class's flat colour,
+  barely jittered. Real-like: per-image materials (road brightness, pavement,
+  sky mood), per-object facade and foliage colours, random car and clothing
+  colours."""
   colours = np.zeros((len(canvas.objects), 3), np.float32)
+  if domain == 'synthetic':
+    for i, cls in enumerate(canvas.objects):
+      colours[i] = (np.asarray(SYNTHETIC_PALETTE.get(cls, (20, 20, 22)))
+                    + rng.uniform(-8, 8, 3))
+    return colours
+  scene = dict(REAL_PALETTE)
+  scene[ROAD] = np.full(3, rng.uniform(55, 140)) + rng.uniform(-6, 6, 3)
+  scene[SIDEWALK] = SIDEWALK_MATERIALS[rng.integers(len(SIDEWALK_MATERIALS))]
+  scene[SKY] = SKY_MOODS[rng.integers(len(SKY_MOODS))]
   for i, cls in enumerate(canvas.objects):
     if cls == IGNORE:
       colours[i] = (20, 20, 22)
-    elif domain == 'real' and cls in RANDOM_COLOUR_CLASSES:
+    elif i in canvas.dark:
+      colours[i] = rng.uniform(15, 45, 3)
+    elif cls in RANDOM_COLOUR_CLASSES:
       colours[i] = rng.uniform(20, 235, 3)
+    elif cls == BUILDING:
+      colours[i] = rng.uniform(70, 210, 3)
+    elif cls == VEGETATION:
+      colours[i] = np.asarray((rng.uniform(40, 140), rng.uniform(70, 130),
+                               rng.uniform(20, 50)))
     else:
-      jitter = 8 if domain == 'synthetic' else 25
-      colours[i] = np.asarray(palette[cls]) + rng.uniform(-jitter, jitter, 3)
+      colours[i] = np.asarray(scene[cls]) + rng.uniform(-20, 20, 3)
   return colours
 
 
@@ -298,13 +346,18 @@ def _real_appearance(rng, canvas, image, horizon, road_edges):
   below_car = np.zeros_like(car_rows)
   below_car[2:] = car_rows[:-2]
   image[below_car & ground] *= 0.45
+  # haze: thicker towards the horizon
+  haze = rng.uniform(0.0, 0.45)
+  distance = np.clip(1 - np.abs(rows - horizon) / (0.5 * h), 0, 1)
+  image[:] = image * (1 - haze * distance[:, :, None]) + (
+      haze * distance[:, :, None] * rng.uniform(170, 220))
   # lighting: brightness, colour cast, vertical gradient
   image *= rng.uniform(0.6, 1.25)
   image *= rng.uniform(0.85, 1.15, 3)
   image *= (1.1 - 0.25 * rows / h)[:, :, None]
   pil = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
-  pil = pil.filter(ImageFilter.GaussianBlur(rng.uniform(0.4, 1.2)))
-  noisy = np.asarray(pil, np.float32) + rng.normal(0, rng.uniform(3, 8),
+  pil = pil.filter(ImageFilter.GaussianBlur(rng.uniform(0.6, 1.6)))
+  noisy = np.asarray(pil, np.float32) + rng.normal(0, rng.uniform(4, 12),
                                                    (h, w, 3))
   pil = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
   buffer = io.BytesIO()

@@ -233,9 +233,11 @@ def _spec(ctx, dataset, split, batch, **kw) -> ip.PipelineSpec:
 
 
 def _seed(ctx, stage_name: str, stream: str) -> int:
+  """Distinct, reproducible seeds per stage and stream ('source', 'target',
+  'state': the train state's PRNG key and initialisation)."""
   names = [s.name for s in STAGES]
   return (ctx.config.seed * 1000 + names.index(stage_name) * 10
-          + ('source', 'target').index(stream))
+          + ('source', 'target', 'state').index(stream))
 
 
 def _train_specs(ctx, stage: Stage) -> dict:
@@ -341,7 +343,7 @@ def _make_step(ctx, stage, model, tx, state_parts):
 
 def _initial_state(ctx, stage, model):
   cfg = ctx.config.stages[stage.name]
-  rng = jax.random.PRNGKey(ctx.config.seed + 17 * len(stage.name))
+  rng = jax.random.PRNGKey(_seed(ctx, stage.name, 'state'))
   init_rng, disc_rng, state_rng = jax.random.split(rng, 3)
   if stage.model_from is None:
     variables = train.initial_variables(ctx.config, init_rng)
@@ -418,7 +420,7 @@ def run_train_stage(ctx, stage: Stage) -> dict:
   images_per_step = sum(s.global_batch_size for s in specs.values())
   accumulated, window_start, window_steps = None, time.time(), 0
   step = int(jax.device_get(state.step))
-  history, invalid_pixels = [], 0
+  history, invalid_pixels, result = [], 0, None
   while step < cfg.steps:
     if (config.testing.sigterm_stage == stage.name
         and step == config.testing.sigterm_at_step):
@@ -464,9 +466,8 @@ def run_train_stage(ctx, stage: Stage) -> dict:
   if stage.step == 'spcl':
     checkpoint.save_tree(ctx.stage_dir(stage.name, 'prototypes'),
                          state.prototype_bank)
-  final = history[-1] if history and history[-1]['step'] == step else None
-  result = (evaluate(ctx, eval_model, state.variables(), eval_step)
-            if final is None else result)
+  if not history or history[-1]['step'] != step:  # resumed at the end
+    result = evaluate(ctx, eval_model, state.variables(), eval_step)
   best_step = best.manager.best_step()
   checkpoints.close()
   best.close()

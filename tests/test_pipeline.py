@@ -128,8 +128,8 @@ def test_two_processes_hold_identical_state(tiny_demo, reference_run,
              for _, err in outputs]
   assert [int(d.group(1)) for d in digests] == [0, 1]
   assert digests[0].group(2) == digests[1].group(2)
-  assert json.loads((tmp_path / 'report.json').read_text())['stages'][
-      'spcl']['miou'] >= 0
+  report = json.loads((tmp_path / 'report.json').read_text())
+  assert 0 <= report['stages']['spcl']['miou'] <= 100
 
 
 @pytest.mark.slow
@@ -156,7 +156,6 @@ def test_stage_without_inputs_says_which_stage_to_run(tiny_demo, tmp_path):
                  check=False)
   assert result.returncode == 1
   assert "needs the output of stage 'warmup'" in result.stderr
-  assert 'configs/demo.py:smoke' not in result.stderr or True
   assert ':warmup' in result.stderr
 
 
