@@ -5,13 +5,7 @@ builder); `spcl_jax.input_pipeline.open_source` reads the build from its
 directory, as does `tfds.builder_from_directory(DATA_DIR/cityscapes/1.0.0)`.
 """
 
-import io
-
-import numpy as np
-from PIL import Image
-
 from data_prep import segmentation_builder as sb
-from spcl_jax import labels as label_table
 
 _SPLIT_DIRS = {'train': 'train', 'validation': 'val', 'test': 'test'}
 _IMAGE_SUFFIX = '_leftImg8bit.png'
@@ -50,10 +44,5 @@ class Cityscapes(sb.SegmentationBuilder, skip_registration=True):
     return sorted(pairs, key=lambda p: p.image_id)
 
   def _train_ids(self, data, report):
-    raw = np.asarray(Image.open(io.BytesIO(data)))
-    if raw.ndim != 2:
-      raise ValueError(f'expected a single-channel label-id PNG, found shape '
-                       f'{raw.shape}')
-    return sb.lookup(raw, label_table.CITYSCAPES_ID_TO_TRAINID,
-                     label_table.CITYSCAPES_IDS, report)
+    return sb.label_id_png_to_train_ids(data, report)
 

@@ -28,6 +28,8 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from data_prep import records
+from spcl_jax import labels as label_table
 from spcl_jax.input_pipeline import encode_png
 
 IGNORE = 255
@@ -154,6 +156,17 @@ def lookup(raw: np.ndarray, table: dict[int, int], known_ids,
   return lut[raw]
 
 
+def label_id_png_to_train_ids(data: bytes, report: BuildReport) -> np.ndarray:
+  """A single-channel PNG of Cityscapes label ids -> trainIds (Cityscapes,
+  Synscapes)."""
+  raw = np.asarray(Image.open(io.BytesIO(data)))
+  if raw.ndim != 2:
+    raise ValueError(f'expected a single-channel label-id PNG, found shape '
+                     f'{raw.shape}')
+  return lookup(raw, label_table.CITYSCAPES_ID_TO_TRAINID,
+                label_table.CITYSCAPES_IDS, report)
+
+
 def nearest_resize(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   return np.asarray(Image.fromarray(label).resize((size[1], size[0]),
                                                   Image.NEAREST))
@@ -177,13 +190,7 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
     return tfds.core.DatasetInfo(
         builder=self,
         description=self.__doc__,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(None, None, 3),
-                                         encoding_format='png'),
-            'label': tfds.features.Image(shape=(None, None, 1),
-                                         encoding_format='png'),
-            'image_id': tfds.features.Text(),
-        }),
+        features=records.record_features(),
         homepage=self.HOMEPAGE,
         metadata=tfds.core.MetadataDict(),
     )

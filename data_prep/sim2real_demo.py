@@ -13,6 +13,7 @@ config gives byte-identical records.
 
 import tensorflow_datasets as tfds
 
+from data_prep import records
 from data_prep import sim2real_render
 from spcl_jax.input_pipeline import encode_png
 
@@ -63,13 +64,7 @@ class Sim2RealDemo(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(None, None, 3),
-                                         encoding_format='png'),
-            'label': tfds.features.Image(shape=(None, None, 1),
-                                         encoding_format='png'),
-            'image_id': tfds.features.Text(),
-        }),
+        features=records.record_features(),
         homepage='https://github.com/BinhuiXie/SPCL',
     )
 

@@ -1,13 +1,7 @@
 """Synscapes (Wrenninge & Unger): 25,000 photorealistic synthetic frames
 with Cityscapes label ids."""
 
-import io
-
-import numpy as np
-from PIL import Image
-
 from data_prep import segmentation_builder as sb
-from spcl_jax import labels as label_table
 
 
 class Synscapes(sb.SegmentationBuilder):
@@ -33,9 +27,4 @@ class Synscapes(sb.SegmentationBuilder):
                             files.list('img/class', '.png'), '.png', '.png')
 
   def _train_ids(self, data, report):
-    raw = np.asarray(Image.open(io.BytesIO(data)))
-    if raw.ndim != 2:
-      raise ValueError(f'expected a single-channel label-id PNG, found shape '
-                       f'{raw.shape}')
-    return sb.lookup(raw, label_table.CITYSCAPES_ID_TO_TRAINID,
-                     label_table.CITYSCAPES_IDS, report)
+    return sb.label_id_png_to_train_ids(data, report)
