@@ -13,6 +13,7 @@ Workdir layout:
   DIR/tensorboard/               CLU metric writer (TensorBoard events)
   DIR/<stage>/checkpoints/       train state + data iterators (orbax)
   DIR/<stage>/best/              best-mIoU model of a training stage
+  DIR/<stage>/eval_history.json  mIoU of every evaluation of the stage
   DIR/<stage>/model/             final model of a training stage
   DIR/<stage>/prototypes/        prototype bank (prototypes, spcl)
   DIR/<stage>/labels/            pseudo-label shards (pseudo-label stages)
@@ -420,7 +421,10 @@ def run_train_stage(ctx, stage: Stage) -> dict:
   images_per_step = sum(s.global_batch_size for s in specs.values())
   accumulated, window_start, window_steps = None, time.time(), 0
   step = int(jax.device_get(state.step))
-  history, invalid_pixels, result = [], 0, None
+  history_path = ctx.stage_dir(stage.name, 'eval_history.json')
+  history = [h for h in (read_json(history_path) if os.path.exists(
+      history_path) else []) if h['step'] <= step]
+  invalid_pixels, result, last_saved = 0, None, latest
   while step < cfg.steps:
     if (config.testing.sigterm_stage == stage.name
         and step == config.testing.sigterm_at_step):
@@ -448,13 +452,17 @@ def run_train_stage(ctx, stage: Stage) -> dict:
     if step % cfg.eval_every_steps == 0 or step == cfg.steps:
       result = evaluate(ctx, eval_model, state.variables(), eval_step)
       history.append({'step': step, 'miou': result['miou']})
+      if jax.process_index() == 0:
+        write_json(history_path, history)
       ctx.writer.write_scalars(step, {f'{stage.name}/eval_miou':
                                       result['miou']})
       best.offer(step, state.variables(), result['miou'])
     if step % config.checkpoint.every_steps == 0 or step == cfg.steps:
       checkpoints.save(step, state, iterators)
+      last_saved = step
     if _any_process(ctx.preempted):
-      checkpoints.save(step, state, iterators)
+      if last_saved != step:
+        checkpoints.save(step, state, iterators)
       checkpoints.wait()
       logging.info('%s: preempted at step %d; checkpoint saved', stage.name,
                    step)

@@ -90,14 +90,23 @@ def test_sigterm_then_rerun_equals_uninterrupted(tiny_demo, reference_run,
                                                  tmp_path):
   reference, _ = reference_run
   _copy_stages_before_spcl(reference, tmp_path)
+  # the signal lands while step 2 runs: that step finishes and is saved
+  # (step 2 is also a periodic checkpoint step: saved once, not twice)
   first = _main(tmp_path, tiny_demo, '--config.testing.sigterm_stage=spcl',
-                '--config.testing.sigterm_at_step=2')
-  # the signal lands while step 3 runs: that step finishes and is saved
-  assert 'preempted at step 3' in first.stderr
+                '--config.testing.sigterm_at_step=1')
+  assert 'preempted at step 2' in first.stderr
   assert not (tmp_path / 'spcl' / 'done.json').exists()
-  assert sorted(os.listdir(tmp_path / 'spcl' / 'checkpoints'))[-1] == '3'
-  second = _main(tmp_path, tiny_demo)  # resumes spcl at step 3, then the rest
-  assert 'spcl: resuming from step 3' in second.stderr
+  assert sorted(os.listdir(tmp_path / 'spcl' / 'checkpoints'))[-1] == '2'
+  second = _main(tmp_path, tiny_demo)  # resumes spcl at step 2, then the rest
+  assert 'spcl: resuming from step 2' in second.stderr
+  resumed = json.loads((tmp_path / 'report.json').read_text())['stages']
+  reference_report = json.loads((reference / 'report.json').read_text())
+  for name in ('spcl', 'self_training'):
+    ours = resumed[name]['eval_history']
+    theirs = reference_report['stages'][name]['eval_history']
+    assert [h['step'] for h in ours] == [h['step'] for h in theirs] == [4]
+    assert [h['miou'] for h in ours] == pytest.approx(
+        [h['miou'] for h in theirs], abs=1e-4)
   for name, parts in (('spcl', ('model', 'prototypes')),
                       ('self_training', ('model',))):
     for part in parts:
