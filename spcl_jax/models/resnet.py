@@ -12,7 +12,6 @@ H x W gives ceil(H / 8) x ceil(W / 8) features (each stride-2 step rounds up:
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from spcl_jax.models.layers import BatchNorm, conv
