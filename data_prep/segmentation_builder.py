@@ -31,6 +31,7 @@ import tensorflow_datasets as tfds
 from data_prep import records
 from spcl_jax import labels as label_table
 from spcl_jax.input_pipeline import encode_png
+from spcl_jax.input_pipeline import resize_label
 
 IGNORE = 255
 
@@ -167,11 +168,6 @@ def label_id_png_to_train_ids(data: bytes, report: BuildReport) -> np.ndarray:
                 label_table.CITYSCAPES_IDS, report)
 
 
-def nearest_resize(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-  return np.asarray(Image.fromarray(label).resize((size[1], size[0]),
-                                                  Image.NEAREST))
-
-
 class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
   """A dataset of (image, label) pairs read from a manual download."""
 
@@ -255,7 +251,7 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
           report.size_mismatch.append(
               f'{pair.image_id} (image {size[0]}x{size[1]}, label '
               f'{label.shape[0]}x{label.shape[1]})')
-          label = nearest_resize(label, size)
+          label = resize_label(label, size)
       yield pair.image_id, {'image': image_png, 'label': encode_png(label),
                             'image_id': pair.image_id}
     report.log(self.name, split)

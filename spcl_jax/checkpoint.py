@@ -91,7 +91,3 @@ def save_tree(directory: str, tree) -> None:
 def load_tree(directory: str, abstract):
   return ocp.StandardCheckpointer().restore(os.path.abspath(directory),
                                             abstract)
-
-
-def exists(directory: str) -> bool:
-  return os.path.isdir(directory)

@@ -120,12 +120,10 @@ class PseudoLabelWriter:
     self._writer.close()
     with open(os.path.join(self._tmp, 'index.json'), 'w') as f:
       json.dump({'image_ids': self._ids, **self._metadata}, f)
-    os.replace(os.path.join(self._tmp, 'records'),
-               self._final + '.array_record.tmp')
-    os.replace(os.path.join(self._tmp, 'index.json'), self._final + '.json.tmp')
     # the index is renamed last: a shard counts only once its index exists
-    os.replace(self._final + '.array_record.tmp', self._final + '.array_record')
-    os.replace(self._final + '.json.tmp', self._final + '.json')
+    os.replace(os.path.join(self._tmp, 'records'),
+               self._final + '.array_record')
+    os.replace(os.path.join(self._tmp, 'index.json'), self._final + '.json')
     shutil.rmtree(self._tmp, ignore_errors=True)
 
   def abort(self) -> None:
@@ -259,16 +257,22 @@ class AttachPseudoLabels(grain.transforms.Map):
     return {**element, 'label': label}
 
 
+def _resize(array: np.ndarray, size, resample) -> np.ndarray:
+  height, width = size
+  if array.shape[:2] == (height, width):
+    return array
+  return np.asarray(Image.fromarray(array).resize((width, height), resample))
+
+
+def resize_label(label: np.ndarray, size) -> np.ndarray:
+  """Nearest-neighbour resize of a label map to size = (height, width):
+  never creates a value absent from the input."""
+  return _resize(label, size, Image.NEAREST)
+
+
 def resize_pair(image: np.ndarray, label: np.ndarray, size):
   """(image bilinear, label nearest) resized to size = (height, width)."""
-  height, width = size
-  if image.shape[:2] == (height, width):
-    return image, label
-  image = np.asarray(Image.fromarray(image).resize((width, height),
-                                                   Image.BILINEAR))
-  label = np.asarray(Image.fromarray(label).resize((width, height),
-                                                   Image.NEAREST))
-  return image, label
+  return _resize(image, size, Image.BILINEAR), resize_label(label, size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,9 +282,11 @@ class Resize(grain.transforms.Map):
   resize_label: bool = True
 
   def map(self, element):
-    image, label = resize_pair(element['image'], element['label'], self.size)
-    return {**element, 'image': image,
-            'label': label if self.resize_label else element['label']}
+    label = element['label']
+    return {**element, 'image': _resize(element['image'], self.size,
+                                        Image.BILINEAR),
+            'label': resize_label(label, self.size) if self.resize_label
+                     else label}
 
 
 def _rgb_to_hsv(rgb):
@@ -442,14 +448,6 @@ def transforms_of(spec: PipelineSpec) -> list:
         spec.crop and tuple(spec.crop), spec.flip, fill))
   ops.append(Normalize(tuple(spec.mean), tuple(spec.std)))
   return ops
-
-
-def local_batch_size(global_batch_size: int) -> int:
-  count = jax.process_count()
-  if global_batch_size % jax.device_count():
-    raise ValueError(f'global batch size {global_batch_size} is not divisible'
-                     f' by the {jax.device_count()} devices')
-  return global_batch_size // count
 
 
 def _resolve(spec, source, process_index, process_count):
