@@ -93,6 +93,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'batch_size': 4,
       'histogram_bins': 1000,
       'threshold_cap': 0.9,
+      # 'model': the model's thresholded predictions (the method).
+      # 'stored': the split's own labels, written as if they were pseudo
+      # labels — a diagnostic of the self-training path (its upper bound);
+      # needs a labelled target split, never part of the method.
+      'labels_from': 'model',
   })
 
   spcl = _sgd(2.5e-4, 40_000, 62_500)
@@ -102,6 +107,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   spcl.alpha = 0.1                 # prototype momentum (1.0 freezes them)
   spcl.temperature = 100.0         # τ; the released code divides by 100
   spcl.contrastive_weight = 1.0    # λ
+  spcl.target_contrastive_weight = 1.0  # weight of L_cl^t inside λ(...)
+  # 'after_loss': Eq. 3 applied after the step's loss (the paper's order);
+  # 'before_loss': the released code's order (the loss sees updated μ).
+  spcl.prototype_update = 'after_loss'
   spcl.target_mask = 'offline'     # 'offline' (released) or 'online' (Eq. 5)
   spcl.decay_absent_classes = False  # True: the released code's behaviour
   spcl.bn_trainable = False

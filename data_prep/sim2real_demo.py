@@ -2,14 +2,18 @@
 
 Splits: `source_train` (synthetic domain, labelled), `target_train` (real-like
 domain; its labels are stored but only the oracle run may use them),
-`target_val` (real-like, disjoint seeds). Records: `image` uint8 [H, W, 3],
+`target_val` (real-like, disjoint seeds), `source_val` (synthetic, disjoint
+seeds: for same-domain control runs). Records: `image` uint8 [H, W, 3],
 `label` uint8 [H, W, 1] trainIds (255 = ignore), `image_id`.
 
-Configs: `default` (128x256; 2000 / 1000 / 200 images) and `tiny` (64x128;
-48 / 24 / 16, for smoke tests); `make_config` makes others. Every record is
+Configs: `default` (128x256; 2000 / 1000 / 200 / 200 images) and `tiny`
+(64x128; 48 / 24 / 16 / 16, for smoke tests); `make_config` makes others. Every record is
 rendered from the seed sequence (config seed, split, index), so the same
 config gives byte-identical records.
 """
+
+import multiprocessing
+import os
 
 import tensorflow_datasets as tfds
 
@@ -18,7 +22,7 @@ from data_prep import sim2real_render
 from spcl_jax.input_pipeline import encode_png
 
 SPLITS = {'source_train': 'synthetic', 'target_train': 'real',
-          'target_val': 'real'}
+          'target_val': 'real', 'source_val': 'synthetic'}
 
 
 class Sim2RealDemoConfig(tfds.core.BuilderConfig):
@@ -31,7 +35,8 @@ class Sim2RealDemoConfig(tfds.core.BuilderConfig):
     self.height, self.width, self.seed = height, width, seed
     self.counts = {'source_train': num_source_train,
                    'target_train': num_target_train,
-                   'target_val': num_target_val}
+                   'target_val': num_target_val,
+                   'source_val': num_target_val}
 
 
 def make_config(name: str | None = None, *, height: int = 128,
@@ -54,8 +59,12 @@ class Sim2RealDemo(tfds.core.GeneratorBasedBuilder):
   """Procedural street scenes: a synthetic source and a real-like target."""
 
   name = 'sim2real_demo'
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  VERSION = tfds.core.Version('2.0.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'First release.',
+      '2.0.0': 'Photo-like source domain (per-object colours, textures, '
+               'uneven light); sensor-like shift to the target; objects '
+               'resolvable at 96x192; a source_val split.'}
   BUILDER_CONFIGS = [make_config('default'),
                      make_config('tiny', height=64, width=128,
                                  counts=(48, 24, 16))]
@@ -75,11 +84,24 @@ class Sim2RealDemo(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split):
     config = self.builder_config
     split_index = list(SPLITS).index(split)
-    for i in range(config.counts[split]):
-      image, label = sim2real_render.render(
-          [config.seed, split_index, i], SPLITS[split], config.height,
-          config.width)
-      image_id = f'{split}_{i:06d}'
-      yield image_id, {'image': encode_png(image),
-                       'label': encode_png(label),
-                       'image_id': image_id}
+    jobs = [(config.seed, split_index, i, SPLITS[split], config.height,
+             config.width) for i in range(config.counts[split])]
+    # Records are rendered in worker processes ('spawn': the caller may hold
+    # JAX threads), in order; each depends on its own seed only.
+    workers = min(os.cpu_count() or 1, 8)
+    if workers == 1 or len(jobs) < 64:
+      records_ = map(_render_record, jobs)
+      yield from ((r['image_id'], r) for r in records_)
+      return
+    with multiprocessing.get_context('spawn').Pool(workers) as pool:
+      for record in pool.imap(_render_record, jobs, chunksize=16):
+        yield record['image_id'], record
+
+
+def _render_record(job) -> dict:
+  seed, split_index, i, domain, height, width = job
+  image, label = sim2real_render.render([seed, split_index, i], domain,
+                                        height, width)
+  image_id = f'{list(SPLITS)[split_index]}_{i:06d}'
+  return {'image': encode_png(image), 'label': encode_png(label),
+          'image_id': image_id}

@@ -106,3 +106,57 @@ def class_center_distance(squared_distance_sums, counts, prototypes,
     between = np.sum((prototypes[others] - prototypes[c]) ** 2, axis=-1)
     result[c] = np.mean(intra / between)
   return result
+
+
+def pseudo_label_quality(agreement, truth_pixels) -> dict:
+  """Per-class quality of pseudo labels against the split's stored labels.
+
+  `agreement` [C, C]: rows = stored label, columns = pseudo label, over the
+  pixels that have both (an ignored pseudo label is not counted);
+  `truth_pixels` [C]: stored-label pixels of each class, pseudo-labelled or
+  not. Per class name, in percent (None where undefined):
+    precision  correct / pixels pseudo-labelled as the class,
+    coverage   pixels of the class that got any pseudo label / its pixels,
+    recall     pixels of the class pseudo-labelled correctly / its pixels;
+  plus the overall pixel precision of the kept pseudo labels."""
+  agreement = np.asarray(agreement, np.int64)
+  truth_pixels = np.asarray(truth_pixels, np.int64)
+  correct = np.diag(agreement)
+  labelled_as, labelled_truth = agreement.sum(0), agreement.sum(1)
+
+  def percent(num, den):
+    return {label_table.CLASS_NAMES[c]: (float(100 * num[c] / den[c])
+                                         if den[c] else None)
+            for c in range(min(len(den), label_table.NUM_CLASSES))}
+
+  return {
+      'pseudo_label_precision': percent(correct, labelled_as),
+      'pseudo_label_class_coverage': percent(labelled_truth, truth_pixels),
+      'pseudo_label_recall': percent(correct, truth_pixels),
+      'pseudo_label_pixel_precision': float(
+          100 * correct.sum() / max(agreement.sum(), 1)),
+  }
+
+
+def colour_only_miou(images, labels, levels: int = 32, seed: int = 0,
+                     num_classes: int = label_table.NUM_CLASSES) -> dict:
+  """How far colour alone solves a split: the majority class of each
+  quantised RGB colour (`levels` per channel), fitted on a random half of
+  the labelled pixels and scored on the other half. `summarize` of that
+  classifier's confusion (class set 19: mean over the classes present)."""
+  images = np.asarray(images).reshape(-1, 3).astype(np.int64)
+  labels = np.asarray(labels).reshape(-1).astype(np.int64)
+  if len(images) != len(labels):
+    raise ValueError(f'{len(images)} pixels in images, {len(labels)} in '
+                     'labels')
+  q = images * levels // 256
+  colour = (q[:, 0] * levels + q[:, 1]) * levels + q[:, 2]
+  fit = np.random.default_rng(seed).random(len(colour)) < 0.5
+  valid = labels < num_classes
+  votes = np.zeros((levels ** 3, num_classes), np.int64)
+  np.add.at(votes, (colour[fit & valid], labels[fit & valid]), 1)
+  predicted = votes.argmax(1)[colour]
+  scored = ~fit & valid
+  confusion = np.zeros((num_classes, num_classes), np.int64)
+  np.add.at(confusion, (labels[scored], predicted[scored]), 1)
+  return summarize(confusion, 19)

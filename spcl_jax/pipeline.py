@@ -111,6 +111,15 @@ def validate(config: ml_collections.ConfigDict,
     problems.append(f"stages.spcl.target_mask: "
                     f"{config.stages.spcl.target_mask!r}, expected 'offline' "
                     "or 'online'")
+  for name in ('pseudo_labels', 'pseudo_labels_2'):
+    if config.stages[name].labels_from not in ('model', 'stored'):
+      problems.append(f"stages.{name}.labels_from: "
+                      f"{config.stages[name].labels_from!r}, expected "
+                      "'model' or 'stored'")
+  if config.stages.spcl.prototype_update not in ('after_loss', 'before_loss'):
+    problems.append(f"stages.spcl.prototype_update: "
+                    f"{config.stages.spcl.prototype_update!r}, expected "
+                    "'after_loss' or 'before_loss'")
   devices = jax.device_count() if num_devices is None else num_devices
   batch_keys = (('warmup', 'source_batch_size'), ('warmup',
                                                   'target_batch_size'),
@@ -533,6 +542,7 @@ def run_pseudo_labels_stage(ctx, stage: Stage) -> dict:
                                                     cfg.threshold_cap)
   label_step = jax.jit(train.make_pseudo_label_step(model))
   agreement = np.zeros((model.num_classes,) * 2, np.int64)
+  truth_pixels = np.zeros(model.num_classes, np.int64)
   kept = total = 0
   directory = ctx.stage_dir(stage.name, 'labels')
   with ip.PseudoLabelWriter(directory, jax.process_index(),
@@ -548,24 +558,33 @@ def run_pseudo_labels_stage(ctx, stage: Stage) -> dict:
           batch['image_id'], batch['valid'], local, batch['label']):
         if not valid:
           continue
+        if cfg.labels_from == 'stored':
+          pseudo = np.asarray(truth, np.uint8)
         writer.add(str(image_id), pseudo)
         kept += int((pseudo != spcl.IGNORE_INDEX).sum())
         total += pseudo.size
         agreement += np.asarray(evaluation.confusion_matrix(
             np.asarray(truth), np.asarray(pseudo, np.int32),
             model.num_classes))
+        truth = np.asarray(truth).reshape(-1)
+        truth_pixels += np.bincount(truth[truth < model.num_classes],
+                                    minlength=model.num_classes)
   counts = multihost_utils.process_allgather(
       np.array([kept, total], np.int64)).reshape(-1, 2).sum(0) if (
           jax.process_count() > 1) else np.array([kept, total])
   if jax.process_count() > 1:
     agreement = multihost_utils.process_allgather(agreement).reshape(
         -1, *agreement.shape).sum(0)
+    truth_pixels = multihost_utils.process_allgather(truth_pixels).reshape(
+        -1, model.num_classes).sum(0)
   result = {'model_from': stage.model_from,
             **read_json(ctx.done_path(stage.model_from)),
+            'labels_from': cfg.labels_from,
             'class_thresholds': [float(t) for t in thresholds],
             'pseudo_label_coverage': float(counts[0] / max(counts[1], 1)),
             'pseudo_label_miou_vs_labels': summarize_all(ctx, agreement)[
-                'miou']}
+                'miou'],
+            **evaluation.pseudo_label_quality(agreement, truth_pixels)}
   return result
 
 
@@ -586,6 +605,8 @@ def _check_inputs(ctx, stage: Stage) -> None:
 
 
 def _ensure_demo_data(ctx) -> None:
+  """Builds the demo dataset if its current version is missing (a build of
+  an older version is left alone and not read)."""
   data = ctx.config.data
   if not data.build_if_missing:
     return
@@ -593,13 +614,14 @@ def _ensure_demo_data(ctx) -> None:
     name, _, config_name = dataset.partition('/')
     if name != 'sim2real_demo':
       continue
-    try:
-      ip.open_source(dataset, data.val_split if dataset == data.target else
-                     data.source_split, ctx.data_dir())
-    except ip.DatasetNotBuiltError:
+    from data_prep import builders  # pylint: disable=g-import-not-at-top
+    version = str(builders.DATASETS[name].VERSION)
+    info = os.path.join(ctx.data_dir(), name, config_name or 'default',
+                        version, 'dataset_info.json')
+    if not os.path.exists(info):
       if jax.process_index() == 0:
-        from data_prep import builders  # pylint: disable=g-import-not-at-top
-        logging.info('building %s into %s', dataset, ctx.data_dir())
+        logging.info('building %s %s into %s', dataset, version,
+                     ctx.data_dir())
         builders.build(name, ctx.data_dir(), config_name or None)
       _sync('demo-data-built')
 

@@ -199,17 +199,23 @@ def make_warmup_step(model, discriminator, tx, d_tx, stage, disc_cfg
 
 
 def make_spcl_step(model, tx, stage, class_thresholds=None) -> Callable:
-  """Stage 4: L_seg + λ (L_cl^s + L_cl^t), then the Eq. 3 prototype update
-  from the global batch's source class sums. The target batch's `label` is
-  the offline pseudo-label map ('offline') or unused ('online', Eq. 5 with
-  `class_thresholds`)."""
+  """Stage 4: L_seg + λ (L_cl^s + w_t L_cl^t) and the Eq. 3 prototype update
+  from the global batch's source class sums, applied after the loss
+  (`prototype_update = 'after_loss'`) or before it ('before_loss', as the
+  released code does); w_t = `target_contrastive_weight` (0: L_cl^s only).
+  The target batch's `label` is the offline pseudo-label map ('offline') or
+  unused ('online', Eq. 5 with `class_thresholds`)."""
   collection = metrics_collection(SPCL_METRICS)
   num_classes = model.num_classes
   if stage.target_mask == 'online' and class_thresholds is None:
     raise ValueError("spcl.target_mask = 'online' needs class thresholds")
 
   def step(state: TrainState, source: Batch, target: Batch):
-    prototypes = state.prototype_bank.prototypes
+    def updated_bank(features, source_mask):
+      sums, counts = spcl.class_feature_sums(
+          jax.lax.stop_gradient(features), source_mask, num_classes)
+      return spcl.update_prototypes(state.prototype_bank, sums, counts,
+                                    stage.alpha, stage.decay_absent_classes)
 
     def loss_fn(params):
       src, tgt, stats = _forward_pair(model, state, params, source['image'],
@@ -222,21 +228,22 @@ def make_spcl_step(model, tx, stage, class_thresholds=None) -> Callable:
       target_mask = spcl.target_mask(
           stage.target_mask, tgt['logits'], offline_labels=target['label'],
           class_thresholds=class_thresholds)
+      # 'before_loss' (the released code): the loss sees the prototypes
+      # already moved towards this batch's class means.
+      bank = updated_bank(src['features'], source_mask)
+      prototypes = (bank if stage.prototype_update == 'before_loss'
+                    else state.prototype_bank).prototypes
       cl_s = spcl.contrastive_loss(src['features'], prototypes, source_mask,
                                    stage.temperature)
       cl_t = spcl.contrastive_loss(tgt['features'], prototypes, target_mask,
                                    stage.temperature)
-      loss = seg + stage.contrastive_weight * (cl_s + cl_t)
-      return loss, (seg, cl_s, cl_t, stats, src['features'], source_mask,
-                    target_mask)
+      loss = seg + stage.contrastive_weight * (
+          cl_s + stage.target_contrastive_weight * cl_t)
+      return loss, (seg, cl_s, cl_t, stats, bank, source_mask, target_mask)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
-    seg, cl_s, cl_t, stats, features, source_mask, target_mask = aux
-    sums, counts = spcl.class_feature_sums(jax.lax.stop_gradient(features),
-                                           source_mask, num_classes)
-    bank = spcl.update_prototypes(state.prototype_bank, sums, counts,
-                                  stage.alpha, stage.decay_absent_classes)
+    seg, cl_s, cl_t, stats, bank, source_mask, target_mask = aux
     new_state = _apply_updates(state, tx, grads, stats, prototype_bank=bank)
     metrics = collection.single_from_model_output(
         loss=loss, seg_loss=seg, contrastive_source=cl_s,

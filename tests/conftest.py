@@ -7,6 +7,9 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import pytest  # noqa: E402  (after the environment is set)
+# torchvision (the parity tests' reference) must be loaded before clu's
+# TensorFlow summary writers: in the other order triton's import segfaults.
+import torchvision  # noqa: E402,F401  pylint: disable=unused-import
 
 
 @pytest.fixture(scope='session')

@@ -121,3 +121,21 @@ def test_class_center_distance_matches_numpy():
     expected = np.mean([intra / np.sum((prototypes[k] - prototypes[j]) ** 2)
                         for j in range(c) if j != k])
     assert ours[k] == pytest.approx(expected, rel=1e-5)
+
+
+def test_pseudo_label_quality_by_hand():
+  # rows = stored label, columns = pseudo label (ignored pseudo not counted)
+  agreement = np.zeros((19, 19), np.int64)
+  agreement[0, 0], agreement[0, 1] = 80, 20   # road: 80 right, 20 as sidewalk
+  agreement[1, 1] = 30                         # sidewalk: 30 right
+  truth_pixels = np.zeros(19, np.int64)
+  truth_pixels[0], truth_pixels[1] = 200, 60   # half of each left unlabelled
+  q = evaluation.pseudo_label_quality(agreement, truth_pixels)
+  assert q['pseudo_label_precision']['road'] == pytest.approx(100.0)
+  assert q['pseudo_label_precision']['sidewalk'] == pytest.approx(60.0)
+  assert q['pseudo_label_class_coverage']['road'] == pytest.approx(50.0)
+  assert q['pseudo_label_class_coverage']['sidewalk'] == pytest.approx(50.0)
+  assert q['pseudo_label_recall']['road'] == pytest.approx(40.0)
+  assert q['pseudo_label_recall']['sidewalk'] == pytest.approx(50.0)
+  assert q['pseudo_label_precision']['car'] is None
+  assert q['pseudo_label_pixel_precision'] == pytest.approx(100 * 110 / 130)

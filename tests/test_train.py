@@ -145,3 +145,51 @@ def test_one_device_and_eight_devices_agree(step_name):
   if step_name == 'spcl':
     assert np.abs(np.asarray(single.prototype_bank.prototypes)
                   - np.asarray(state.prototype_bank.prototypes)).max() > 0
+
+
+def test_prototype_update_order_and_target_contrastive_weight():
+  """'before_loss' (released order) scores the contrastive loss against the
+  bank already updated with this batch, 'after_loss' against the old one;
+  both leave the same bank. Weight 0 drops L_cl^t from the loss only."""
+  outputs = {}
+  for order, weight in (('after_loss', 1.0), ('before_loss', 1.0),
+                        ('after_loss', 0.0)):
+    state, step, batches = _small_setup(
+        'spcl', prototype_update=order, target_contrastive_weight=weight,
+        temperature=0.1)
+    source, target = batches[0]
+    new_state, metrics = jax.jit(step)(state, source, target)
+    outputs[order, weight] = (state, new_state, metrics.compute())
+  after, before = outputs['after_loss', 1.0], outputs['before_loss', 1.0]
+  np.testing.assert_allclose(after[1].prototype_bank.prototypes,
+                             before[1].prototype_bank.prototypes, atol=1e-6)
+  assert abs(float(after[2]['contrastive_source'])
+             - float(before[2]['contrastive_source'])) > 1e-4
+  # with the bank that the step produced, the 'after' loss would be the
+  # 'before' loss: recompute L_cl^s by hand with both banks
+  state = after[0]
+  model_config = default.get_config()
+  model_config.model.name, model_config.model.base_width = (
+      'deeplabv2_resnet18', 8)
+  model_config.model.num_classes = 5
+  model = train.model_for_stage(model_config, False)
+  source = batches[0][0]  # every setup draws the same batches
+  out = model.apply({'params': state.params,
+                     'batch_stats': state.batch_stats},
+                    jnp.asarray(source['image']), train=True)
+  mask = spcl.source_mask(jnp.asarray(source['label']), out['logits'])
+  for (_, _, metrics), bank in ((after, state.prototype_bank),
+                                (before, after[1].prototype_bank)):
+    expected = spcl.contrastive_loss(out['features'], bank.prototypes, mask,
+                                     0.1)
+    assert float(metrics['contrastive_source']) == pytest.approx(
+        float(expected), rel=1e-4)
+  full, source_only = after[2], outputs['after_loss', 0.0][2]
+  assert float(full['loss']) == pytest.approx(
+      float(full['seg_loss'] + full['contrastive_source']
+            + full['contrastive_target']), rel=1e-5)
+  assert float(source_only['loss']) == pytest.approx(
+      float(source_only['seg_loss'] + source_only['contrastive_source']),
+      rel=1e-5)
+  assert float(source_only['contrastive_target']) == pytest.approx(
+      float(full['contrastive_target']), rel=1e-5)  # still reported

@@ -1,0 +1,170 @@
+"""The ablation benchmark: equal budgets, stage sharing only where stages are
+identical, paired statistics, bad rows refused before training, resume."""
+
+import json
+import os
+
+import pytest
+
+from benchmarks import ablation
+from configs import demo
+
+
+def _smoke():
+  config = demo.get_config('smoke')
+  config.lock()
+  return config
+
+
+def _rows(*names):
+  return ablation.select_rows(list(names), False, [])
+
+
+def test_every_row_trains_the_same_budget():
+  base = _smoke()
+  total = base.stages.warmup.steps + base.stages.spcl.steps + (
+      base.stages.self_training.steps)
+  assert ablation.budget(base) == total == 12
+  rows = ablation.select_rows(None, True, [])
+  assert {r.name for r in rows} >= {'source_only', 'warmup_only',
+                                    'spcl_source_cl', 'spcl_stage',
+                                    'full_spcl', 'self_training_no_cl',
+                                    'oracle', 'tau_1', 'update_before_loss'}
+  for row in rows:
+    config = ablation.row_config(base, row, seed=1)
+    assert ablation.row_steps(config, row) == total, row.name
+    assert config.seed == base.seed + 1
+    for name in ablation.TRAIN_STAGES:  # schedules stretched, never short
+      stage = config.stages[name]
+      assert stage.steps <= stage.schedule_steps
+  source_only = ablation.row_config(base, _rows('source_only')[0], 0)
+  assert source_only.stages.warmup.steps == 12
+  assert source_only.stages.warmup.adversarial_weight == 0
+  # 6-step schedule of a 4-step stage, stretched to 12 steps: 18
+  assert source_only.stages.warmup.schedule_steps == 18
+  spcl_stage = ablation.row_config(base, _rows('spcl_stage')[0], 0)
+  assert (spcl_stage.stages.warmup.steps, spcl_stage.stages.spcl.steps) == (
+      4, 8)
+  oracle = ablation.row_config(base, _rows('oracle')[0], 0)
+  assert oracle.data.source_split == base.data.target_split
+
+
+def test_stages_are_shared_exactly_where_identical():
+  base = _smoke()
+  full, no_cl, source_only, spcl_stage = (
+      ablation.row_config(base, r, 0) for r in _rows(
+          'full_spcl', 'self_training_no_cl', 'source_only', 'spcl_stage'))
+  key = ablation.stage_key
+  for name in ('warmup', 'prototypes', 'pseudo_labels'):
+    assert key(full, name) == key(no_cl, name) == key(spcl_stage, name)
+  for name in ('spcl', 'pseudo_labels_2', 'self_training'):
+    assert key(full, name) != key(no_cl, name)  # λ differs upstream
+  assert key(full, 'spcl') != key(spcl_stage, 'spcl')  # 4 vs 8 steps
+  assert key(full, 'warmup') != key(source_only, 'warmup')
+  other_seed = ablation.row_config(base, _rows('full_spcl')[0], 1)
+  assert key(other_seed, 'warmup') != key(full, 'warmup')
+  # worker count does not change results
+  with full.unlocked():
+    full.data.worker_count = 7
+  assert key(full, 'spcl') == key(ablation.row_config(
+      base, _rows('full_spcl')[0], 0), 'spcl')
+
+
+def test_paired_difference_and_summary_by_hand():
+  d = ablation.paired_difference([31.0, 33.0, 35.0], [30.0, 30.0, 30.0])
+  assert d['mean'] == pytest.approx(3.0)
+  # differences 1, 3, 5: std 2, se 2 / sqrt(3)
+  assert d['se'] == pytest.approx(2 / 3 ** 0.5)
+  assert ablation.paired_difference([1.0], [0.0])['se'] is None
+  rows = _rows('source_only', 'full_spcl', 'self_training_no_cl', 'oracle')
+  per_class = {'road': 1.0}
+  results = {}
+  for name, values in (('source_only', (30, 32)), ('full_spcl', (40, 44)),
+                       ('self_training_no_cl', (38, 40)),
+                       ('oracle', (50, 52))):
+    for seed, v in enumerate(values):
+      results[name, seed] = {'miou': v, 'tail_miou': v / 2,
+                             'per_class_iou': per_class, 'curve': []}
+  table = ablation.summarize(rows, results, {r.name: 12 for r in rows})
+  full = table['full_spcl']
+  assert full['miou_mean'] == 42 and full['miou_std'] == pytest.approx(
+      2 * 2 ** 0.5)
+  assert full['vs_source_only']['mean'] == pytest.approx(11)
+  assert full['vs_baseline']['mean'] == pytest.approx(3)  # vs no-L_cl twin
+  assert full['gap_closed'] == pytest.approx(11 / 20)
+  text = ablation.markdown(table, {'config': 'c', 'seeds': 2, 'budget': 12,
+                                   'wall_time_s': 60, 'machine': 'm'})
+  assert '| full_spcl |' in text and '+11.0 ± 1.0' in text
+
+
+def test_bad_rows_fail_before_training(tiny_demo, tmp_path):
+  base = _smoke()
+  with base.unlocked():
+    base.data.data_dir = tiny_demo
+  typo = ablation.select_rows(
+      ['spcl_stage'], False, ['tau_x=spcl_stage:stages.spcl.temprature=1.0'])
+  with pytest.raises(ValueError, match=r"(?s)row 'tau_x'.*temprature"):
+    ablation.run_ablation(base, str(tmp_path / 'a'), 1,
+                          ablation.select_rows(['tau_x'], False, [
+                              'tau_x=spcl_stage:stages.spcl.temprature=1.0']))
+  assert typo and not (tmp_path / 'a').exists()
+  bad_value = ablation.select_rows(
+      ['m'], False, ["m=spcl_stage:stages.spcl.target_mask='both'"])
+  with pytest.raises(ValueError, match=r"(?s)row 'm'.*target_mask"):
+    ablation.check_rows(base, bad_value, 1)
+  with pytest.raises(ValueError, match='unknown rows'):
+    ablation.select_rows(['sorce_only'], False, [])
+  with pytest.raises(ValueError, match='NAME=BASE_ROW'):
+    ablation.select_rows(None, False, ['x=nothing:a=1'])
+  missing = base.copy_and_resolve_references()
+  with missing.unlocked():
+    missing.data.data_dir = str(tmp_path / 'empty')
+    missing.data.build_if_missing = False
+  with pytest.raises(ValueError, match=r"(?s)source_only.*not built"):
+    ablation.check_rows(missing, _rows('source_only'), 1)
+
+
+@pytest.mark.slow
+def test_smoke_ablation_writes_tables_and_resumes(tiny_demo, tmp_path):
+  base = _smoke()
+  with base.unlocked():
+    base.data.data_dir = tiny_demo
+  rows = _rows('source_only', 'full_spcl', 'self_training_no_cl', 'oracle',
+               'self_training_true_labels')
+  table = ablation.run_ablation(base, str(tmp_path), 1, rows, 'smoke')
+  written = json.loads((tmp_path / 'ablation.json').read_text())
+  assert list(written['rows']) == [r.name for r in rows]
+  for name, entry in written['rows'].items():
+    assert entry['steps'] == 12 and len(entry['mious']) == 1
+    assert 0 <= entry['miou_mean'] <= 100
+    assert entry['per_class_iou_mean']
+    assert entry['curves'][0][-1][0] == 12  # last evaluation at the budget
+  assert table['full_spcl']['miou_mean'] == written['rows']['full_spcl'][
+      'miou_mean']
+  assert '| oracle |' in (tmp_path / 'ablation.md').read_text()
+  # the two pipelines that differ only in λ share their first three stages
+  stores = sorted(os.listdir(tmp_path / 'stages'))
+  assert sum(s.startswith('warmup-') for s in stores) == 3  # so, full, oracle
+  assert sum(s.startswith('spcl-') for s in stores) == 2
+  assert sum(s.startswith('pseudo_labels_2-') for s in stores) == 3
+  # the diagnostic row's self-training read the stored labels: perfect
+  # pseudo labels, every labelled pixel covered
+  true_labels = json.loads((tmp_path / 'rows' / 'self_training_true_labels' /
+                            'seed0' / 'pseudo_labels_2' / 'done.json'
+                            ).read_text())
+  assert true_labels['labels_from'] == 'stored'
+  assert true_labels['pseudo_label_pixel_precision'] == 100.0
+  assert all(v in (None, 100.0) for v in true_labels[
+      'pseudo_label_class_coverage'].values())
+  model = json.loads((tmp_path / 'rows' / 'full_spcl' / 'seed0' /
+                      'pseudo_labels_2' / 'done.json').read_text())
+  assert model['labels_from'] == 'model'
+  assert set(model['pseudo_label_precision']) == set(true_labels[
+      'pseudo_label_precision'])
+  done = {s: os.path.getmtime(tmp_path / 'stages' / s / 'done.json')
+          for s in stores}
+  # rerun: every row is finished, nothing retrains
+  again = ablation.run_ablation(base, str(tmp_path), 1, rows, 'smoke')
+  assert again['oracle']['mious'] == table['oracle']['mious']
+  assert done == {s: os.path.getmtime(tmp_path / 'stages' / s / 'done.json')
+                  for s in stores}
