@@ -50,6 +50,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from configs import default
 from spcl_jax import input_pipeline as ip
 from spcl_jax import labels as label_table
 from spcl_jax import pipeline
@@ -196,11 +197,7 @@ def row_config(base, row: Row, seed: int) -> ml_collections.ConfigDict:
   except (TypeError, ValueError) as e:
     raise ValueError(f'row {row.name!r}: {e}') from e
   if row.oracle:
-    data = config.data
-    data.source, data.source_split = data.target, data.target_split
-    data.source_size = data.target_size
-    data.source_color_jitter = ()
-    config.stages.warmup.adversarial_weight = 0.0
+    default.oracle(config)
   # the last training stage of the row takes the steps of the ones it skips
   trained = [s for s in TRAIN_STAGES if s in row.stages]
   last = trained[-1]

@@ -150,6 +150,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return apply_arg(c, arg, {})
 
 
+def oracle(config) -> None:
+  """The upper bound that measures the domain gap: the warm-up trained on
+  the labelled target training split instead of the source (no adversarial
+  term, no source colour jitter)."""
+  data = config.data
+  data.source, data.source_split = data.target, data.target_split
+  data.source_size = data.target_size
+  data.source_color_jitter = ()
+  config.stages.warmup.adversarial_weight = 0.0
+
+
 def apply_arg(config, arg, variants):
   """Applies a `get_config` argument: comma-separated stage names and names
   of `variants` ({name: function(config) -> None}), in order."""

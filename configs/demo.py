@@ -34,14 +34,6 @@ def source_only(config):
   config.stages.warmup.adversarial_weight = 0.0
 
 
-def oracle(config):
-  config.data.source = config.data.target
-  config.data.source_split = config.data.target_split
-  config.data.source_size = config.data.target_size
-  config.data.source_color_jitter = ()
-  config.stages.warmup.adversarial_weight = 0.0
-
-
 def same_domain(config):
   """A control: the 'target' is the source domain itself (its training
   split, validated on `source_val`); adaptation has nothing to fix, so no
@@ -97,5 +89,5 @@ def get_config(arg=None):
   config.log_every_steps = 25
   return default.apply_arg(config, arg, {'smoke': smoke,
                                          'source_only': source_only,
-                                         'oracle': oracle,
+                                         'oracle': default.oracle,
                                          'same_domain': same_domain})
