@@ -118,6 +118,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   self_training = _sgd(5e-4, 20_000, 31_250)
   self_training.target_batch_size = 8
+  # > 0: also source cross-entropy on this many labelled source images per
+  # step (joint self-training as in CBST / CRST); 0: target only (released)
+  self_training.source_batch_size = 0
+  self_training.source_weight = 1.0
   self_training.logit_temperature = 1.0
   self_training.bn_trainable = True
   self_training.scale_range = (0.5, 1.5)

@@ -417,14 +417,16 @@ def _appearance(rng, style, canvas, image, horizon, road_edges):
   return np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert('RGB'))
 
 
-def render(seed, domain: str, height: int = 128, width: int = 256):
+def render(seed, domain: str, height: int = 128, width: int = 256,
+           style: Style | None = None):
   """(image uint8 [H, W, 3], label uint8 [H, W]) for one scene.
 
   `seed` is anything `numpy.random.default_rng` takes (an int or a sequence
-  of ints); the same seed always gives the same arrays."""
+  of ints); the same seed always gives the same arrays. `style` replaces
+  `STYLES[domain]` (for probes of single factors of the shift)."""
   if domain not in DOMAINS:
     raise ValueError(f'domain must be one of {DOMAINS}, got {domain!r}')
-  style = STYLES[domain]
+  style = STYLES[domain] if style is None else style
   rng = np.random.default_rng(seed)
   canvas = Canvas(height, width)
   horizon, road_edges = _layout(rng, style, canvas)

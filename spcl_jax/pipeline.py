@@ -127,6 +127,8 @@ def validate(config: ml_collections.ConfigDict,
                 ('self_training', 'target_batch_size'),
                 ('prototypes', 'batch_size'), ('pseudo_labels', 'batch_size'),
                 ('pseudo_labels_2', 'batch_size'))
+  if config.stages.self_training.source_batch_size:  # 0: target only
+    batch_keys += (('self_training', 'source_batch_size'),)
   for stage, key in batch_keys:
     value = config.stages[stage][key]
     if value <= 0 or value % devices:
@@ -254,17 +256,22 @@ def _train_specs(ctx, stage: Stage) -> dict:
   cfg, data = ctx.config.stages[stage.name], ctx.config.data
   pseudo = (ctx.stage_dir(stage.pseudo_labels_from, 'labels')
             if stage.pseudo_labels_from else None)
-  if stage.step == 'self_training':
-    return {'target_iterator': _spec(
+  specs = {}
+  if stage.step == 'self_training':   # the step takes (target[, source])
+    specs['target_iterator'] = _spec(
         ctx, data.target, data.target_split, cfg.target_batch_size,
         pseudo_labels=pseudo, color_jitter=tuple(cfg.color_jitter),
         scale_range=tuple(cfg.scale_range), crop=tuple(cfg.crop_size),
-        flip=cfg.flip, seed=_seed(ctx, stage.name, 'target'))}
-  specs = {'source_iterator': _spec(
+        flip=cfg.flip, seed=_seed(ctx, stage.name, 'target'))
+    if not cfg.source_batch_size:
+      return specs
+  specs['source_iterator'] = _spec(
       ctx, data.source, data.source_split, cfg.source_batch_size,
       size=tuple(data.source_size),
       color_jitter=tuple(data.source_color_jitter) or None,
-      seed=_seed(ctx, stage.name, 'source'))}
+      seed=_seed(ctx, stage.name, 'source'))
+  if stage.step == 'self_training':
+    return specs
   if stage.step == 'spcl' or cfg.adversarial_weight > 0:
     specs['target_iterator'] = _spec(
         ctx, data.target, data.target_split, cfg.target_batch_size,

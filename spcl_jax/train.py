@@ -103,7 +103,8 @@ WARMUP_METRICS = ('loss', 'seg_loss', 'adv_loss', 'disc_loss', 'grad_norm',
 SPCL_METRICS = ('loss', 'seg_loss', 'contrastive_source',
                 'contrastive_target', 'source_mask_fraction',
                 'target_mask_fraction', 'grad_norm', 'lr')
-SELF_TRAINING_METRICS = ('loss', 'seg_loss', 'grad_norm', 'lr')
+SELF_TRAINING_METRICS = ('loss', 'seg_loss', 'source_seg_loss', 'grad_norm',
+                         'lr')
 
 
 # ------------------------------------------------------------------- steps --
@@ -257,24 +258,35 @@ def make_spcl_step(model, tx, stage, class_thresholds=None) -> Callable:
 
 
 def make_self_training_step(model, tx, stage) -> Callable:
-  """Stage 6: cross-entropy on target pseudo labels (Eq. 9)."""
+  """Stage 6: cross-entropy on target pseudo labels (Eq. 9); with a source
+  batch (`stage.source_batch_size` > 0) also `stage.source_weight` times the
+  source cross-entropy (joint self-training, as in CBST)."""
   collection = metrics_collection(SELF_TRAINING_METRICS)
 
-  def step(state: TrainState, target: Batch):
+  def step(state: TrainState, target: Batch, source: Batch | None = None):
     def loss_fn(params):
-      out, stats = _apply(model, state, params, target['image'],
-                          stage.bn_trainable)
-      logits = spcl.upsample_bilinear(out['logits'],
-                                      target['label'].shape[1:3])
-      return spcl.segmentation_loss(logits, target['label'],
-                                    stage.logit_temperature), stats
+      if source is None:
+        tgt, stats = _apply(model, state, params, target['image'],
+                            stage.bn_trainable)
+        source_loss = jnp.zeros((), jnp.float32)
+      else:
+        src, tgt, stats = _forward_pair(model, state, params, source['image'],
+                                        target['image'], stage.bn_trainable)
+        source_loss = spcl.segmentation_loss(
+            spcl.upsample_bilinear(src['logits'], source['label'].shape[1:3]),
+            source['label'], stage.logit_temperature)
+      target_loss = spcl.segmentation_loss(
+          spcl.upsample_bilinear(tgt['logits'], target['label'].shape[1:3]),
+          target['label'], stage.logit_temperature)
+      loss = target_loss + stage.source_weight * source_loss
+      return loss, (stats, target_loss, source_loss)
 
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    (loss, (stats, target_loss, source_loss)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
     new_state = _apply_updates(state, tx, grads, stats)
     metrics = collection.single_from_model_output(
-        loss=loss, seg_loss=loss, grad_norm=optax.tree.norm(grads),
-        lr=_lr(stage, state.step))
+        loss=loss, seg_loss=target_loss, source_seg_loss=source_loss,
+        grad_norm=optax.tree.norm(grads), lr=_lr(stage, state.step))
     return new_state, metrics
 
   return step

@@ -160,6 +160,25 @@ def test_nan_loss_stops_with_step_term_and_checkpoint(tiny_demo, tmp_path):
   assert not (tmp_path / 'warmup' / 'done.json').exists()
 
 
+def test_joint_self_training_reads_source_batches(tiny_demo, reference_run,
+                                                  tmp_path):
+  reference, _ = reference_run
+  for name in STAGES[:-1]:
+    shutil.copytree(reference / name, tmp_path / name)
+  bad = _main(tmp_path, tiny_demo,
+              '--config.stages.self_training.source_batch_size=-8',
+              config='configs/demo.py:smoke,self_training', check=False)
+  assert bad.returncode != 0
+  assert 'stages.self_training.source_batch_size = -8' in bad.stderr
+  _main(tmp_path, tiny_demo, '--config.stages.self_training.source_batch_size=8',
+        config='configs/demo.py:smoke,self_training')
+  report = json.loads((tmp_path / 'report.json').read_text())
+  assert report['stages']['self_training']['steps'] == 4
+  joint = _flatten(_tree(tmp_path / 'self_training' / 'model'))
+  alone = _flatten(_tree(reference / 'self_training' / 'model'))
+  assert any(not np.allclose(joint[k], alone[k]) for k in joint)
+
+
 def test_stage_without_inputs_says_which_stage_to_run(tiny_demo, tmp_path):
   result = _main(tmp_path, tiny_demo, config='configs/demo.py:smoke,spcl',
                  check=False)

@@ -77,10 +77,15 @@ def test_source_only_warmup_needs_no_target_batch():
                state.disc_params)
 
 
-def _small_setup(step_name, **stage_overrides):
+def _small_config():
   config = default.get_config()
   config.model.name, config.model.base_width = 'deeplabv2_resnet18', 8
   config.model.num_classes = 5
+  return config
+
+
+def _small_setup(step_name, **stage_overrides):
+  config = _small_config()
   stage = config.stages[step_name]
   stage.steps, stage.schedule_steps = 3, 10
   stage.update(stage_overrides)
@@ -99,6 +104,8 @@ def _small_setup(step_name, **stage_overrides):
     disc_params = disc.init(jax.random.PRNGKey(2), jnp.zeros((1, 32, 32, 5)))
     step = train.make_warmup_step(model, disc, tx, d_tx, stage,
                                   config.discriminator)
+  elif step_name == 'self_training':
+    step = train.make_self_training_step(model, tx, stage)
   else:
     step = train.make_spcl_step(model, tx, stage)
   state = train.new_train_state(variables, tx, jax.random.PRNGKey(3), bank,
@@ -145,6 +152,43 @@ def test_one_device_and_eight_devices_agree(step_name):
   if step_name == 'spcl':
     assert np.abs(np.asarray(single.prototype_bank.prototypes)
                   - np.asarray(state.prototype_bank.prototypes)).max() > 0
+
+
+def test_joint_self_training_adds_weighted_source_cross_entropy():
+  state, step, batches = _small_setup('self_training', source_weight=0.5)
+  source, target = batches[0]
+  model = train.model_for_stage(_small_config(), True)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+
+  def cross_entropy(batch):  # training-mode BN: batch statistics only
+    out, _ = model.apply(variables, batch['image'], train=True,
+                         mutable=['batch_stats'])
+    logits = spcl.upsample_bilinear(out['logits'], batch['label'].shape[1:3])
+    logp = jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1)
+    labels = batch['label']
+    valid = labels != 255
+    picked = np.take_along_axis(np.asarray(logp),
+                                np.where(valid, labels, 0)[..., None], -1)
+    return -picked[..., 0][valid].mean()
+
+  joint_state, joint = jax.jit(step)(state, target, source)
+  values = {k: float(v) for k, v in joint.compute().items()}
+  assert values['seg_loss'] == pytest.approx(cross_entropy(target), rel=1e-4)
+  assert values['source_seg_loss'] == pytest.approx(cross_entropy(source),
+                                                    rel=1e-4)
+  assert values['loss'] == pytest.approx(
+      cross_entropy(target) + 0.5 * cross_entropy(source), rel=1e-4)
+  # target only: no source term, and the update is that of the target loss
+  only_state, only = jax.jit(step)(state, target)
+  assert float(only.compute()['source_seg_loss']) == 0.0
+  zero_state, zero_step, _ = _small_setup('self_training', source_weight=0.0)
+  zero_new, _ = jax.jit(zero_step)(zero_state, target, source)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-6),
+               zero_new.params, only_state.params)
+  assert not np.allclose(
+      jax.tree.leaves(joint_state.params)[0],
+      jax.tree.leaves(only_state.params)[0])
 
 
 def test_prototype_update_order_and_target_contrastive_weight():
