@@ -21,17 +21,15 @@ import sys
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
 from data_prep import sim2real_demo
 from data_prep import sim2real_render as render_lib
-from spcl_jax import checkpoint
 from spcl_jax import evaluation
 from spcl_jax import input_pipeline as ip
 from spcl_jax import labels as label_table
-from spcl_jax import models
+from spcl_jax import pipeline
 from spcl_jax import sharding
 from spcl_jax import train
 
@@ -111,8 +109,7 @@ def probe(config, variables, variants, num_images: int,
                      f'{demo.counts["target_val"]} scenes')
   model = train.model_for_stage(config, False)
   eval_step = jax.jit(train.make_eval_step(model))
-  mean = np.asarray(config.data.mean, np.float32)
-  std = np.asarray(config.data.std, np.float32)
+  normalize = ip.Normalize(tuple(config.data.mean), tuple(config.data.std))
   results = {}
   for name in variants:
     style = variant_style(name)
@@ -120,10 +117,9 @@ def probe(config, variables, variants, num_images: int,
     for start in range(0, num_images, batch_size):
       images, labels = render_val(
           demo, style, range(start, min(num_images, start + batch_size)))
-      images = np.stack([ip.resize_pair(i, l, config.data.eval_size)[0]
-                         for i, l in zip(images, labels)])
-      batch = {'image': jnp.asarray((images / np.float32(255) - mean) / std),
-               'label': jnp.asarray(labels.astype(np.int32))}
+      resized = np.stack([ip.resize_image(image, config.data.eval_size)
+                          for image in images])
+      batch = normalize.map({'image': resized, 'label': labels})
       confusion += np.asarray(eval_step(variables, batch))
     summary = evaluation.summarize(confusion, config.evaluation.class_sets[0])
     sink_class, sink_share = sink(confusion)
@@ -132,15 +128,6 @@ def probe(config, variables, variants, num_images: int,
                      'sink': label_table.CLASS_NAMES[sink_class],
                      'sink_share': sink_share}
   return results
-
-
-def load_variables(config, model_dir: str):
-  model = train.model_for_stage(config, False)
-  shapes = jax.eval_shape(lambda: models.init_variables(model,
-                                                        jax.random.key(0)))
-  mesh = sharding.make_mesh(jax.devices())
-  return checkpoint.load_tree(model_dir, checkpoint.abstract_like(shapes,
-                                                                  mesh))
 
 
 def format_table(results: dict) -> str:
@@ -162,8 +149,10 @@ def main(argv):
     variants = args.variants or list(VARIANTS)
     for name in variants:
       variant_style(name)
-    results = probe(args.config, load_variables(args.config, args.model_dir),
-                    variants, args.num_images)
+    model = train.model_for_stage(args.config, False)
+    variables = pipeline.load_variables(
+        args.model_dir, model, sharding.make_mesh(jax.devices()))
+    results = probe(args.config, variables, variants, args.num_images)
   except (ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

@@ -270,9 +270,14 @@ def resize_label(label: np.ndarray, size) -> np.ndarray:
   return _resize(label, size, Image.NEAREST)
 
 
+def resize_image(image: np.ndarray, size) -> np.ndarray:
+  """Bilinear resize of an image to size = (height, width)."""
+  return _resize(image, size, Image.BILINEAR)
+
+
 def resize_pair(image: np.ndarray, label: np.ndarray, size):
   """(image bilinear, label nearest) resized to size = (height, width)."""
-  return _resize(image, size, Image.BILINEAR), resize_label(label, size)
+  return resize_image(image, size), resize_label(label, size)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -256,22 +256,23 @@ def _train_specs(ctx, stage: Stage) -> dict:
   cfg, data = ctx.config.stages[stage.name], ctx.config.data
   pseudo = (ctx.stage_dir(stage.pseudo_labels_from, 'labels')
             if stage.pseudo_labels_from else None)
-  specs = {}
+
+  def source():
+    return _spec(ctx, data.source, data.source_split, cfg.source_batch_size,
+                 size=tuple(data.source_size),
+                 color_jitter=tuple(data.source_color_jitter) or None,
+                 seed=_seed(ctx, stage.name, 'source'))
+
   if stage.step == 'self_training':   # the step takes (target[, source])
-    specs['target_iterator'] = _spec(
+    specs = {'target_iterator': _spec(
         ctx, data.target, data.target_split, cfg.target_batch_size,
         pseudo_labels=pseudo, color_jitter=tuple(cfg.color_jitter),
         scale_range=tuple(cfg.scale_range), crop=tuple(cfg.crop_size),
-        flip=cfg.flip, seed=_seed(ctx, stage.name, 'target'))
-    if not cfg.source_batch_size:
-      return specs
-  specs['source_iterator'] = _spec(
-      ctx, data.source, data.source_split, cfg.source_batch_size,
-      size=tuple(data.source_size),
-      color_jitter=tuple(data.source_color_jitter) or None,
-      seed=_seed(ctx, stage.name, 'source'))
-  if stage.step == 'self_training':
+        flip=cfg.flip, seed=_seed(ctx, stage.name, 'target'))}
+    if cfg.source_batch_size:
+      specs['source_iterator'] = source()
     return specs
+  specs = {'source_iterator': source()}
   if stage.step == 'spcl' or cfg.adversarial_weight > 0:
     specs['target_iterator'] = _spec(
         ctx, data.target, data.target_split, cfg.target_batch_size,
@@ -317,15 +318,16 @@ def summarize_all(ctx, confusion) -> dict:
 
 # ------------------------------------------------------------------ models --
 
-def _abstract_variables(ctx, model):
+def load_variables(directory: str, model, mesh):
+  """A saved `model` directory's variables, replicated over `mesh`."""
   shapes = jax.eval_shape(lambda: models.init_variables(model,
                                                         jax.random.key(0)))
-  return checkpoint.abstract_like(shapes, ctx.mesh)
+  return checkpoint.load_tree(directory,
+                              checkpoint.abstract_like(shapes, mesh))
 
 
 def load_model(ctx, stage_name: str, model):
-  return checkpoint.load_tree(ctx.stage_dir(stage_name, 'model'),
-                              _abstract_variables(ctx, model))
+  return load_variables(ctx.stage_dir(stage_name, 'model'), model, ctx.mesh)
 
 
 def load_prototypes(ctx, stage_name: str, num_features: int):
