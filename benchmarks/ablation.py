@@ -25,6 +25,13 @@ trains the segmenter for B steps:
   self_training_true_labels  full SPCL whose self-training reads the stored
                        target labels instead of pseudo labels (a diagnostic
                        of the self-training path: it should near the oracle)
+  self_training_kept_true_labels  the stored labels on the pixels the model's
+                       thresholds kept (its coverage, no wrong label)
+  self_training_correct_pseudo_labels  the model's pseudo labels where they
+                       are right (its errors dropped, its coverage shrunk)
+                       — with the row above and full_spcl, how much of
+                       self-training's shortfall is wrong labels, how much
+                       missing ones (diagnostics, never the method)
 Sweeps (`--sweeps`) vary one field of `spcl_stage`: τ, α, λ, the target mask
 and the order of the prototype update.
 
@@ -105,6 +112,15 @@ def main_rows() -> list[Row]:
           'stored target labels (diagnostic)', ALL_STAGES,
           {'stages.pseudo_labels_2.labels_from': 'stored'},
           baseline='oracle'),
+      Row('self_training_kept_true_labels', 'full SPCL, self-training fed '
+          'the stored labels on the pixels the thresholds kept (diagnostic)',
+          ALL_STAGES,
+          {'stages.pseudo_labels_2.labels_from': 'stored_where_kept'},
+          baseline='full_spcl'),
+      Row('self_training_correct_pseudo_labels', 'full SPCL, self-training '
+          'fed only its right pseudo labels (diagnostic)', ALL_STAGES,
+          {'stages.pseudo_labels_2.labels_from': 'model_where_correct'},
+          baseline='full_spcl'),
   ]
 
 

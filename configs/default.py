@@ -34,16 +34,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.stages_to_run = STAGE_NAMES  # replaced by stage names given in `arg`
+  # True (the `:released` variant): every field of RELEASED holds the
+  # released code's value; a setting that contradicts it fails validation.
+  c.released = False
+  # What a stage starts from (`model_from`): the previous stage's 'final'
+  # model, or its 'best' one on the validation split (the released scripts
+  # chain model_best.pth; that selects on the split we evaluate on).
+  c.chain_model = 'final'
 
   c.model = ml_collections.ConfigDict({
       'name': 'deeplabv2_resnet101',
       'num_classes': 19,
       'dtype': 'float32',          # 'bfloat16' on GPU / TPU
-      'base_width': 64,            # ResNet stem width (64 = ImageNet layout)
+      'base_width': 64,            # ResNet stem / VGG conv1 width (ImageNet 64)
       # Directory written by `python -m data_prep.port_torchvision`; '' trains
       # from scratch (only sensible for the demo).
       'pretrained_dir': '',
       'aspp_rates': (6, 12, 18, 24),
+      # ε of frozen BatchNorm: PyTorch's BatchNorm2d default; the released
+      # code's frozen BatchNorm has none (0.0).
+      'frozen_bn_epsilon': 1e-5,
+      # Initialisation of the fresh discriminator and VGG fc6/fc7: 'flax'
+      # (kaiming-normal, zero bias) or 'torch' (PyTorch's defaults, released).
+      'layer_init': 'flax',
   })
   c.discriminator = ml_collections.ConfigDict({
       'widths': (64, 128, 256, 512),
@@ -56,7 +69,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'data_dir': '~/tensorflow_datasets',
       'source': 'gta5',
       'source_split': 'train',
-      'target': 'cityscapes',
+      'target': 'spcl_cityscapes',  # not TFDS's own `cityscapes`
+      # The classes the model predicts (spcl_jax.labels.LABEL_SPACES); stored
+      # trainIds outside it are ignored. model.num_classes must match.
+      'label_space': 'cityscapes19',
+      # Image interpolation of the resize to source/target/eval size:
+      # 'bilinear', or 'bicubic' (the released transforms); labels: nearest.
+      'image_interpolation': 'bilinear',
       'target_split': 'train',
       'val_split': 'validation',
       'source_size': (720, 1280),
@@ -65,6 +84,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'mean': (0.485, 0.456, 0.406),
       'std': (0.229, 0.224, 0.225),
       'source_color_jitter': (0.5, 0.5, 0.5, 0.2),  # b, c, s, h
+      # Geometric augmentation of the source in the warm-up and SPCL stages.
+      # () / False: the released recipe (the image resized to source_size,
+      # no crop, no flip). A crop size: the original image randomly scaled
+      # by source_scale_range (() = 1), then cropped (padded if smaller).
+      'source_scale_range': (),
+      'source_crop_size': (),
+      'source_flip': False,
       'worker_count': 4,
       'eval_batch_size': 8,
       # Build the demo dataset if it is missing (sim2real_demo only).
@@ -152,6 +178,43 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'sigterm_at_step': -1,
   })
   return apply_arg(c, arg, {})
+
+
+# The released code's behaviour where it differs from our defaults (README,
+# "Differences from the released code"): field -> released value.
+RELEASED = {
+    'stages.spcl.prototype_update': 'before_loss',
+    'stages.spcl.decay_absent_classes': True,
+    'stages.spcl.target_mask': 'offline',   # the release has no online mask
+    'chain_model': 'best',
+    'data.image_interpolation': 'bicubic',
+    'model.layer_init': 'torch',
+    'model.frozen_bn_epsilon': 0.0,
+}
+
+
+def _get(config, dotted: str):
+  for key in dotted.split('.'):
+    config = config[key]
+  return config
+
+
+def released(config) -> None:
+  """The `:released` variant: every behaviour of the released code."""
+  config.released = True
+  for dotted, value in RELEASED.items():
+    parent, _, key = dotted.rpartition('.')
+    (_get(config, parent) if parent else config)[key] = value
+
+
+def released_conflicts(config) -> list:
+  """The fields that contradict `released = True` (empty when it is off)."""
+  if not config.released:
+    return []
+  return [f'released = True (the `:released` variant) contradicts '
+          f'{dotted} = {_get(config, dotted)!r}; the released code has '
+          f'{value!r}' for dotted, value in RELEASED.items()
+          if _get(config, dotted) != value]
 
 
 def oracle(config) -> None:

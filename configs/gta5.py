@@ -2,7 +2,8 @@
 
 Variants: `vgg16` (DeepLab-v2 VGG-16, paper Table 1; the SPEC gives no
 VGG-specific optimiser numbers, so the ResNet recipe's are kept),
-`source_only` (warm-up with adversarial weight 0).
+`source_only` (warm-up with adversarial weight 0), `released` (every
+behaviour of the released code, default.RELEASED).
 """
 
 from configs import default
@@ -22,4 +23,5 @@ def get_config(arg=None):
   config.data.source_size = (720, 1280)
   config.evaluation.class_sets = (19,)
   return default.apply_arg(config, arg, {'vgg16': vgg16,
-                                         'source_only': source_only})
+                                         'source_only': source_only,
+                                         'released': default.released})

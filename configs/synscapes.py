@@ -1,6 +1,7 @@
 """Synscapes -> Cityscapes, DeepLab-v2 ResNet-101.
 
-Source images resized to 1024x512 (paper Table 6). Variant: `source_only`.
+Source images resized to 1024x512 (paper Table 6). Variants: `source_only`,
+`released`.
 """
 
 from configs import default
@@ -12,4 +13,5 @@ def get_config(arg=None):
   config.data.source = 'synscapes'
   config.data.source_size = (512, 1024)
   config.evaluation.class_sets = (19,)
-  return default.apply_arg(config, arg, {'source_only': gta5.source_only})
+  return default.apply_arg(config, arg, {'source_only': gta5.source_only,
+                                         'released': default.released})

@@ -1,7 +1,10 @@
 """SYNTHIA-RAND-CITYSCAPES -> Cityscapes, DeepLab-v2 ResNet-101.
 
-Source images 1280x760 (paper Table 6); mIoU over 16 classes, with the
-13-class subset reported beside it. Variants: `vgg16`, `source_only`.
+Source images 1280x760 (paper Table 6). The released protocol: a 16-way
+head over SYNTHIA's 16 classes; Cityscapes pixels of terrain, truck and train
+are ignored (neither trained on nor counted); mIoU over the 16 classes, with
+the 13-class subset reported beside it. Variants: `vgg16`, `source_only`,
+`released`.
 """
 
 from configs import default
@@ -12,6 +15,9 @@ def get_config(arg=None):
   config = default.get_config()
   config.data.source = 'synthia'
   config.data.source_size = (760, 1280)
+  config.data.label_space = 'synthia16'
+  config.model.num_classes = 16
   config.evaluation.class_sets = (16, 13)
   return default.apply_arg(config, arg, {'vgg16': gta5.vgg16,
-                                         'source_only': gta5.source_only})
+                                         'source_only': gta5.source_only,
+                                         'released': default.released})

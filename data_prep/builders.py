@@ -16,7 +16,7 @@ DATASETS = {'sim2real_demo': sim2real_demo.Sim2RealDemo,
             'gta5': gta5.Gta5,
             'synthia': synthia.Synthia,
             'synscapes': synscapes.Synscapes,
-            'cityscapes': cityscapes.Cityscapes}
+            'spcl_cityscapes': cityscapes.Cityscapes}
 
 
 def make_builder(dataset: str, data_dir: str, config=None,

@@ -1,8 +1,9 @@
 """Cityscapes (fine annotations): train 2,975 / validation 500 / test 1,525.
 
-Not registered with TFDS under its name (TFDS ships a different `cityscapes`
-builder); `spcl_jax.input_pipeline.open_source` reads the build from its
-directory, as does `tfds.builder_from_directory(DATA_DIR/cityscapes/1.0.0)`.
+Named `spcl_cityscapes`: TFDS ships a different builder named `cityscapes`,
+which `tfds.data_source("cityscapes")` would find (and try to download).
+`spcl_jax.input_pipeline.open_source` reads the build from its directory, as
+does `tfds.builder_from_directory(DATA_DIR/spcl_cityscapes/1.0.0)`.
 """
 
 from data_prep import segmentation_builder as sb
@@ -15,7 +16,7 @@ _LABEL_SUFFIX = '_gtFine_labelIds.png'
 class Cityscapes(sb.SegmentationBuilder, skip_registration=True):
   """Cityscapes -> 19 trainIds; `test` has no labels (stored as all 255)."""
 
-  name = 'cityscapes'
+  name = 'spcl_cityscapes'
   HOMEPAGE = 'https://www.cityscapes-dataset.com/'
   REQUIRED_PATHS = ('leftImg8bit/train', 'leftImg8bit/val', 'gtFine/train',
                     'gtFine/val')

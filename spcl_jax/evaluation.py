@@ -54,17 +54,22 @@ def mean_iou(iou: np.ndarray, classes) -> float:
   return float(values.mean() * 100) if values.size else float('nan')
 
 
-def summarize(confusion, class_set: int = 19) -> dict:
+def summarize(confusion, class_set: int = 19,
+              label_space: str = 'cityscapes19') -> dict:
   """The report entry of an evaluation: mIoU and tail mIoU in percent over
-  the class set (19, 16 or 13 classes), per-class IoU in percent by name."""
-  classes = label_table.check_class_set(class_set)
+  the class set (19, 16 or 13 classes), per-class IoU in percent by name;
+  `confusion` is over the classes of `label_space` (labels.LABEL_SPACES)."""
+  classes = label_table.class_set_indices(class_set, label_space)
+  names = label_table.class_names(label_space)
+  if np.shape(confusion) != (len(names),) * 2:
+    raise ValueError(f'confusion of shape {np.shape(confusion)} for the '
+                     f'{len(names)} classes of label space {label_space!r}')
   iou = iou_from_confusion(confusion)
-  tail = [c for c in label_table.TAIL_CLASSES if c in classes]
+  tail = [c for c in label_table.tail_indices(label_space) if c in classes]
   return {
       'miou': mean_iou(iou, classes),
       'tail_miou': mean_iou(iou, tail),
-      'per_class_iou': {label_table.CLASS_NAMES[c]: float(iou[c] * 100)
-                        for c in classes},
+      'per_class_iou': {names[c]: float(iou[c] * 100) for c in classes},
       'class_set': class_set,
       'num_pixels': int(np.asarray(confusion, np.int64).sum()),
   }
@@ -108,7 +113,8 @@ def class_center_distance(squared_distance_sums, counts, prototypes,
   return result
 
 
-def pseudo_label_quality(agreement, truth_pixels) -> dict:
+def pseudo_label_quality(agreement, truth_pixels,
+                         label_space: str = 'cityscapes19') -> dict:
   """Per-class quality of pseudo labels against the split's stored labels.
 
   `agreement` [C, C]: rows = stored label, columns = pseudo label, over the
@@ -118,16 +124,18 @@ def pseudo_label_quality(agreement, truth_pixels) -> dict:
     precision  correct / pixels pseudo-labelled as the class,
     coverage   pixels of the class that got any pseudo label / its pixels,
     recall     pixels of the class pseudo-labelled correctly / its pixels;
-  plus the overall pixel precision of the kept pseudo labels."""
+  plus the overall pixel precision of the kept pseudo labels. Classes are
+  those of `label_space` (labels.LABEL_SPACES)."""
   agreement = np.asarray(agreement, np.int64)
   truth_pixels = np.asarray(truth_pixels, np.int64)
   correct = np.diag(agreement)
   labelled_as, labelled_truth = agreement.sum(0), agreement.sum(1)
 
+  names = label_table.class_names(label_space)
+
   def percent(num, den):
-    return {label_table.CLASS_NAMES[c]: (float(100 * num[c] / den[c])
-                                         if den[c] else None)
-            for c in range(min(len(den), label_table.NUM_CLASSES))}
+    return {names[c]: (float(100 * num[c] / den[c]) if den[c] else None)
+            for c in range(min(len(den), len(names)))}
 
   return {
       'pseudo_label_precision': percent(correct, labelled_as),

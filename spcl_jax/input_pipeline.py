@@ -30,6 +30,7 @@ import msgpack
 import numpy as np
 from PIL import Image
 
+from spcl_jax import labels as label_table
 from spcl_jax import sharding as sharding_lib
 
 IGNORE_LABEL = 255
@@ -221,8 +222,10 @@ class CheckRecord(grain.transforms.Map):
   """Validates a record: label [H, W] (or [H, W, 1]) matching the image's
   size, else an error naming the `image_id`. Label values outside
   [0, num_classes) other than 255 become 255 and are counted in
-  `invalid_label_pixels` for the training loop to report."""
+  `invalid_label_pixels` for the training loop to report. Stored trainIds
+  are first mapped to the classes of `label_space` (labels.trainid_lut)."""
   num_classes: int
+  label_space: str = 'cityscapes19'
 
   def map(self, record):
     image_id = _as_str(record['image_id'])
@@ -235,6 +238,7 @@ class CheckRecord(grain.transforms.Map):
     if image.shape[:2] != label.shape:
       raise ValueError(f'record {image_id!r}: image size {image.shape[:2]} '
                        f'and label size {label.shape} differ')
+    label = label_table.trainid_lut(self.label_space)[label]
     invalid = (label >= self.num_classes) & (label != IGNORE_LABEL)
     return {'image': image, 'label': np.where(invalid, IGNORE_LABEL,
                                               label).astype(np.uint8),
@@ -280,16 +284,23 @@ def resize_pair(image: np.ndarray, label: np.ndarray, size):
   return resize_image(image, size), resize_label(label, size)
 
 
+# `data.image_interpolation`: PIL filters of the image resize (labels are
+# always resized with nearest neighbour).
+INTERPOLATIONS = {'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC}
+
+
 @dataclasses.dataclass(frozen=True)
 class Resize(grain.transforms.Map):
-  """Resizes the image (and, unless told otherwise, the label) to `size`."""
+  """Resizes the image (`interpolation`: a key of INTERPOLATIONS) and, unless
+  told otherwise, the label (nearest) to `size`."""
   size: tuple  # (height, width)
   resize_label: bool = True
+  interpolation: str = 'bilinear'
 
   def map(self, element):
     label = element['label']
     return {**element, 'image': _resize(element['image'], self.size,
-                                        Image.BILINEAR),
+                                        INTERPOLATIONS[self.interpolation]),
             'label': resize_label(label, self.size) if self.resize_label
                      else label}
 
@@ -424,7 +435,9 @@ class PipelineSpec:
   data_dir: str
   global_batch_size: int
   num_classes: int = 19
+  label_space: str = 'cityscapes19'  # labels.LABEL_SPACES
   size: tuple | None = None          # resize to (height, width) first
+  interpolation: str = 'bilinear'    # of that resize (INTERPOLATIONS)
   resize_label: bool = True          # False: keep labels at full resolution
   color_jitter: tuple | None = None  # (brightness, contrast, saturation, hue)
   scale_range: tuple | None = None   # random scale (low, high)
@@ -439,11 +452,12 @@ class PipelineSpec:
 
 
 def transforms_of(spec: PipelineSpec) -> list:
-  ops: list[Any] = [CheckRecord(spec.num_classes)]
+  ops: list[Any] = [CheckRecord(spec.num_classes, spec.label_space)]
   if spec.pseudo_labels:
     ops.append(AttachPseudoLabels(PseudoLabelStore(spec.pseudo_labels)))
   if spec.size:
-    ops.append(Resize(tuple(spec.size), spec.resize_label))
+    ops.append(Resize(tuple(spec.size), spec.resize_label,
+                      spec.interpolation))
   if spec.color_jitter:
     ops.append(ColorJitter(*spec.color_jitter))
   if spec.scale_range or spec.crop or spec.flip:

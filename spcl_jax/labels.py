@@ -1,6 +1,8 @@
 """The one label table: Cityscapes trainIds, palette, class sets, and the
 source datasets' id mappings. Built from `cityscapesscripts`' own table."""
 
+import functools
+
 import numpy as np
 from cityscapesscripts.helpers import labels as cs_labels
 
@@ -66,3 +68,54 @@ def check_class_set(size: int) -> tuple:
     raise ValueError(f'unknown evaluation class set {size!r}; expected one '
                      f'of {sorted(CLASS_SETS)}')
   return CLASS_SETS[size]
+
+
+# Label spaces: the classes a model predicts, as trainIds in output order
+# (`data.label_space`). 'synthia16' is the released SYNTHIA protocol: a
+# 16-way head; Cityscapes pixels of terrain, truck and train are ignored.
+LABEL_SPACES = {
+    'cityscapes19': CLASS_SETS[19],
+    'synthia16': CLASS_SETS[16],
+}
+
+
+def check_label_space(name: str) -> tuple:
+  if name not in LABEL_SPACES:
+    raise ValueError(f'unknown label space {name!r}; expected one of '
+                     f'{sorted(LABEL_SPACES)}')
+  return LABEL_SPACES[name]
+
+
+@functools.lru_cache(maxsize=None)
+def trainid_lut(name: str) -> np.ndarray:
+  """uint8 [256] lookup table: stored trainId -> class index of the label
+  space `name`; trainIds outside the space -> 255; values >= 19 unchanged
+  (still reported as invalid by the input pipeline)."""
+  lut = np.arange(256, dtype=np.uint8)
+  lut[:NUM_CLASSES] = IGNORE_LABEL
+  for index, train_id in enumerate(check_label_space(name)):
+    lut[train_id] = index
+  lut.flags.writeable = False  # shared by every caller (cached)
+  return lut
+
+
+def class_names(name: str) -> tuple:
+  """Class names of the label space `name`, in output order."""
+  return tuple(CLASS_NAMES[t] for t in check_label_space(name))
+
+
+def class_set_indices(size: int, name: str) -> tuple:
+  """Class indices of the label space `name` of the evaluated set `size`
+  (a set with classes outside the space is an error)."""
+  space = check_label_space(name)
+  missing = [CLASS_NAMES[t] for t in check_class_set(size) if t not in space]
+  if missing:
+    raise ValueError(f'class set {size} has classes outside the label space '
+                     f'{name!r}: {missing}')
+  return tuple(space.index(t) for t in check_class_set(size))
+
+
+def tail_indices(name: str) -> tuple:
+  """Indices of the label space `name` of the tail classes."""
+  space = check_label_space(name)
+  return tuple(space.index(t) for t in TAIL_CLASSES if t in space)

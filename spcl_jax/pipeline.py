@@ -92,7 +92,24 @@ def validate(config: ml_collections.ConfigDict,
              num_devices: int | None = None) -> None:
   """Semantic checks that fail before anything is compiled (batch sizes
   against `num_devices`, default: every device of every process)."""
-  problems = []
+  from configs import default as default_config  # pylint: disable=g-import-not-at-top
+  problems = list(default_config.released_conflicts(config))
+  if config.chain_model not in CHAIN_MODELS:
+    problems.append(f'chain_model: {config.chain_model!r}, expected one of '
+                    f'{CHAIN_MODELS}')
+  if config.model.layer_init not in ('flax', 'torch'):
+    problems.append(f"model.layer_init: {config.model.layer_init!r}, "
+                    "expected 'flax' or 'torch'")
+  if config.model.frozen_bn_epsilon < 0:
+    problems.append(f'model.frozen_bn_epsilon = '
+                    f'{config.model.frozen_bn_epsilon} must be >= 0')
+  if config.data.image_interpolation not in ip.INTERPOLATIONS:
+    problems.append(f'data.image_interpolation: '
+                    f'{config.data.image_interpolation!r}, expected one of '
+                    f'{sorted(ip.INTERPOLATIONS)}')
+  if not (isinstance(config.seed, int) and 0 <= config.seed < SEED_LIMIT):
+    problems.append(f'seed = {config.seed!r} must be an integer in '
+                    f'[0, {SEED_LIMIT})')
   for name in config.stages_to_run:
     if name not in STAGE_BY_NAME:
       problems.append(f'stages_to_run: unknown stage {name!r} (known: '
@@ -103,23 +120,40 @@ def validate(config: ml_collections.ConfigDict,
   if config.model.dtype not in ('float32', 'bfloat16'):
     problems.append(f"model.dtype: {config.model.dtype!r}, expected "
                     "'float32' or 'bfloat16'")
+  space = config.data.label_space
+  if space not in label_table.LABEL_SPACES:
+    problems.append(f'data.label_space: {space!r}, expected one of '
+                    f'{sorted(label_table.LABEL_SPACES)}')
+  elif config.model.num_classes != len(label_table.LABEL_SPACES[space]):
+    problems.append(f'model.num_classes = {config.model.num_classes} but '
+                    f'data.label_space {space!r} has '
+                    f'{len(label_table.LABEL_SPACES[space])} classes')
   for class_set in config.evaluation.class_sets:
-    if class_set not in label_table.CLASS_SETS:
-      problems.append(f'evaluation.class_sets: {class_set} is not one of '
-                      f'{sorted(label_table.CLASS_SETS)}')
+    try:
+      label_table.class_set_indices(class_set, space)
+    except ValueError as e:
+      problems.append(f'evaluation.class_sets: {e}')
   if config.stages.spcl.target_mask not in ('offline', 'online'):
     problems.append(f"stages.spcl.target_mask: "
                     f"{config.stages.spcl.target_mask!r}, expected 'offline' "
                     "or 'online'")
   for name in ('pseudo_labels', 'pseudo_labels_2'):
-    if config.stages[name].labels_from not in ('model', 'stored'):
+    if config.stages[name].labels_from not in LABEL_SOURCES:
       problems.append(f"stages.{name}.labels_from: "
-                      f"{config.stages[name].labels_from!r}, expected "
-                      "'model' or 'stored'")
+                      f"{config.stages[name].labels_from!r}, expected one "
+                      f"of {LABEL_SOURCES}")
   if config.stages.spcl.prototype_update not in ('after_loss', 'before_loss'):
     problems.append(f"stages.spcl.prototype_update: "
                     f"{config.stages.spcl.prototype_update!r}, expected "
                     "'after_loss' or 'before_loss'")
+  if config.stages.self_training.source_weight < 0:
+    problems.append('stages.self_training.source_weight = '
+                    f'{config.stages.self_training.source_weight} must be '
+                    '>= 0 (the weight of the source cross-entropy)')
+  if config.data.source_scale_range and not config.data.source_crop_size:
+    problems.append('data.source_scale_range = '
+                    f'{tuple(config.data.source_scale_range)} needs '
+                    'data.source_crop_size (scaled sources are cropped)')
   devices = jax.device_count() if num_devices is None else num_devices
   batch_keys = (('warmup', 'source_batch_size'), ('warmup',
                                                   'target_batch_size'),
@@ -240,16 +274,33 @@ def _spec(ctx, dataset, split, batch, **kw) -> ip.PipelineSpec:
   return ip.PipelineSpec(
       dataset=dataset, split=split, data_dir=ctx.data_dir(),
       global_batch_size=batch, num_classes=ctx.config.model.num_classes,
+      label_space=data.label_space, interpolation=data.image_interpolation,
       mean=tuple(data.mean), std=tuple(data.std),
       worker_count=data.worker_count, **kw)
 
 
+# A run's seed and the seeds derived from it: [0, 2**31) (grain's samplers
+# take 32-bit seeds, jax.random.PRNGKey any of these).
+SEED_LIMIT = 2 ** 31
+SEED_STREAMS = ('source', 'target', 'state')
+
+
+def stream_seed(seed: int, stage_name: str, stream: str) -> int:
+  """A reproducible seed in [0, 2**31) for one stage and stream ('source',
+  'target', 'state': the train state's PRNG key and initialisation) of the
+  run `seed`. Seeds below 2**31 // 1000 keep their earlier derivation
+  (seed * 1000 + 10 * stage + stream), so recorded runs stay reproducible;
+  larger ones, which used to overflow, go through numpy's SeedSequence."""
+  stage, index = [s.name for s in STAGES].index(stage_name), (
+      SEED_STREAMS.index(stream))
+  if seed < SEED_LIMIT // 1000:
+    return seed * 1000 + stage * 10 + index
+  sequence = np.random.SeedSequence([seed, stage, index])
+  return int(sequence.generate_state(1, np.uint32)[0]) % SEED_LIMIT
+
+
 def _seed(ctx, stage_name: str, stream: str) -> int:
-  """Distinct, reproducible seeds per stage and stream ('source', 'target',
-  'state': the train state's PRNG key and initialisation)."""
-  names = [s.name for s in STAGES]
-  return (ctx.config.seed * 1000 + names.index(stage_name) * 10
-          + ('source', 'target', 'state').index(stream))
+  return stream_seed(ctx.config.seed, stage_name, stream)
 
 
 def _train_specs(ctx, stage: Stage) -> dict:
@@ -258,10 +309,15 @@ def _train_specs(ctx, stage: Stage) -> dict:
             if stage.pseudo_labels_from else None)
 
   def source():
+    if data.source_crop_size:   # random scale of the original, then crop
+      geometry = dict(scale_range=tuple(data.source_scale_range) or None,
+                      crop=tuple(data.source_crop_size))
+    else:                       # the released recipe: resized, no crop
+      geometry = dict(size=tuple(data.source_size))
     return _spec(ctx, data.source, data.source_split, cfg.source_batch_size,
-                 size=tuple(data.source_size),
                  color_jitter=tuple(data.source_color_jitter) or None,
-                 seed=_seed(ctx, stage.name, 'source'))
+                 flip=data.source_flip, seed=_seed(ctx, stage.name, 'source'),
+                 **geometry)
 
   if stage.step == 'self_training':   # the step takes (target[, source])
     specs = {'target_iterator': _spec(
@@ -308,9 +364,10 @@ def evaluate(ctx, model, variables, eval_step) -> dict:
 
 def summarize_all(ctx, confusion) -> dict:
   class_sets = list(ctx.config.evaluation.class_sets)
-  result = evaluation.summarize(confusion, class_sets[0])
+  space = ctx.config.data.label_space
+  result = evaluation.summarize(confusion, class_sets[0], space)
   for other in class_sets[1:]:
-    extra = evaluation.summarize(confusion, other)
+    extra = evaluation.summarize(confusion, other, space)
     result[f'miou_{other}'] = extra['miou']
     result[f'tail_miou_{other}'] = extra['tail_miou']
   return result
@@ -326,8 +383,22 @@ def load_variables(directory: str, model, mesh):
                               checkpoint.abstract_like(shapes, mesh))
 
 
+# `chain_model`: what a stage starts from (see configs/default.py).
+CHAIN_MODELS = ('final', 'best')
+
+
+def model_directory(ctx, stage_name: str) -> str:
+  """The saved model of the finished training stage `stage_name` that a
+  later stage starts from: DIR/<stage>/model ('final'), or its best model on
+  the validation split, DIR/<stage>/best/<best_step>/state ('best')."""
+  if ctx.config.chain_model == 'final':
+    return ctx.stage_dir(stage_name, 'model')
+  step = read_json(ctx.done_path(stage_name))['best_step']
+  return ctx.stage_dir(stage_name, 'best', str(step), 'state')
+
+
 def load_model(ctx, stage_name: str, model):
-  return load_variables(ctx.stage_dir(stage_name, 'model'), model, ctx.mesh)
+  return load_variables(model_directory(ctx, stage_name), model, ctx.mesh)
 
 
 def load_prototypes(ctx, stage_name: str, num_features: int):
@@ -525,9 +596,38 @@ def run_prototypes_stage(ctx, stage: Stage) -> dict:
   return {'model_from': stage.model_from,
           **read_json(ctx.done_path(stage.model_from)),
           'classes_with_prototype': int((images > 0).sum()),
-          'images_per_class': {label_table.CLASS_NAMES[c]: int(images[c])
-                               for c in range(len(images))
-                               if c < len(label_table.CLASS_NAMES)}}
+          'images_per_class': dict(zip(
+              label_table.class_names(data.label_space),
+              (int(n) for n in images)))}
+
+
+# What a pseudo-label stage writes (`stages.<name>.labels_from`). Only
+# 'model' is the method; the others read the split's own labels and exist to
+# take the self-training path apart (which labels, which pixels).
+LABEL_SOURCES = ('model', 'stored', 'stored_where_kept',
+                 'model_where_correct')
+
+
+def written_pseudo_labels(labels_from: str, pseudo: np.ndarray,
+                          truth: np.ndarray) -> np.ndarray:
+  """'model': the thresholded predictions; 'stored': the split's labels;
+  'stored_where_kept': the split's labels on the pixels the thresholds kept
+  (the model's coverage, every label right); 'model_where_correct': the
+  model's labels where they agree with the split's (its precision made
+  perfect, its coverage shrunk by its errors)."""
+  pseudo = np.asarray(pseudo, np.uint8)
+  truth = np.asarray(truth, np.uint8)
+  ignore = np.uint8(spcl.IGNORE_INDEX)
+  if labels_from == 'model':
+    return pseudo
+  if labels_from == 'stored':
+    return truth
+  if labels_from == 'stored_where_kept':
+    return np.where(pseudo != ignore, truth, ignore)
+  if labels_from == 'model_where_correct':
+    return np.where(pseudo == truth, pseudo, ignore)
+  raise ValueError(f'labels_from: {labels_from!r}, expected one of '
+                   f'{LABEL_SOURCES}')
 
 
 def run_pseudo_labels_stage(ctx, stage: Stage) -> dict:
@@ -567,8 +667,7 @@ def run_pseudo_labels_stage(ctx, stage: Stage) -> dict:
           batch['image_id'], batch['valid'], local, batch['label']):
         if not valid:
           continue
-        if cfg.labels_from == 'stored':
-          pseudo = np.asarray(truth, np.uint8)
+        pseudo = written_pseudo_labels(cfg.labels_from, pseudo, truth)
         writer.add(str(image_id), pseudo)
         kept += int((pseudo != spcl.IGNORE_INDEX).sum())
         total += pseudo.size
@@ -593,7 +692,8 @@ def run_pseudo_labels_stage(ctx, stage: Stage) -> dict:
             'pseudo_label_coverage': float(counts[0] / max(counts[1], 1)),
             'pseudo_label_miou_vs_labels': summarize_all(ctx, agreement)[
                 'miou'],
-            **evaluation.pseudo_label_quality(agreement, truth_pixels)}
+            **evaluation.pseudo_label_quality(agreement, truth_pixels,
+                                              data.label_space)}
   return result
 
 

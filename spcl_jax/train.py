@@ -110,9 +110,10 @@ SELF_TRAINING_METRICS = ('loss', 'seg_loss', 'source_seg_loss', 'grad_norm',
 # ------------------------------------------------------------------- steps --
 
 def _apply(model, state, params, images, bn_trainable):
-  """Forward pass; with trainable BN, also the updated statistics."""
+  """Forward pass; with trainable BN, also the updated statistics (a model
+  without BatchNorm, VGG-16, has none to update)."""
   variables = {'params': params, 'batch_stats': state.batch_stats}
-  if bn_trainable:
+  if bn_trainable and state.batch_stats:
     out, updates = model.apply(variables, images, train=True,
                                mutable=['batch_stats'])
     return out, updates['batch_stats']
@@ -349,11 +350,11 @@ def make_pseudo_label_step(model) -> Callable:
 
 def model_kwargs(config) -> dict:
   """create_model keyword arguments of the config's model."""
-  kw = {'dtype': jnp.dtype(config.model.dtype),
-        'aspp_rates': tuple(config.model.aspp_rates)}
-  if config.model.name != 'deeplabv2_vgg16':
-    kw['base_width'] = config.model.base_width
-  return kw
+  return {'dtype': jnp.dtype(config.model.dtype),
+          'aspp_rates': tuple(config.model.aspp_rates),
+          'base_width': config.model.base_width,
+          'frozen_bn_epsilon': config.model.frozen_bn_epsilon,
+          'layer_init': config.model.layer_init}
 
 
 def model_for_stage(config, bn_trainable: bool):
@@ -373,7 +374,8 @@ def initial_variables(config, rng):
 
 def discriminator_for(config):
   return models.Discriminator(tuple(config.discriminator.widths),
-                              config.discriminator.negative_slope)
+                              config.discriminator.negative_slope,
+                              layer_init=config.model.layer_init)
 
 
 def new_train_state(variables, tx, rng, prototype_bank=None,

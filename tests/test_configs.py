@@ -62,4 +62,39 @@ def test_synthia_and_synscapes_sizes_and_class_sets():
   from configs import synscapes, synthia  # pylint: disable=g-import-not-at-top
   assert synthia.get_config().data.source_size == (760, 1280)
   assert synthia.get_config().evaluation.class_sets == (16, 13)
+  # the released protocol: a 16-way head over SYNTHIA's classes
+  assert synthia.get_config().model.num_classes == 16
+  assert synthia.get_config().data.label_space == 'synthia16'
+  assert synscapes.get_config().model.num_classes == 19
   assert synscapes.get_config().data.source_size == (512, 1024)
+
+
+@pytest.mark.parametrize('name', ['gta5', 'synthia', 'synscapes'])
+def test_released_variant_turns_on_every_released_behaviour(name):
+  module = importlib.import_module(f'configs.{name}')
+  ours, released = module.get_config(), module.get_config('released')
+  assert not ours.released and released.released
+  assert (ours.stages.spcl.prototype_update,
+          released.stages.spcl.prototype_update) == ('after_loss',
+                                                     'before_loss')
+  assert (ours.stages.spcl.decay_absent_classes,
+          released.stages.spcl.decay_absent_classes) == (False, True)
+  assert (ours.chain_model, released.chain_model) == ('final', 'best')
+  assert (ours.data.image_interpolation,
+          released.data.image_interpolation) == ('bilinear', 'bicubic')
+  assert released.stages.spcl.target_mask == 'offline'
+  pipeline.validate(released, num_devices=4)
+
+
+def test_released_with_a_contradicting_setting_is_refused():
+  from configs import gta5  # pylint: disable=g-import-not-at-top
+  config = gta5.get_config('released')
+  config.stages.spcl.target_mask = 'online'
+  config.chain_model = 'final'
+  with pytest.raises(ValueError) as error:
+    pipeline.validate(config, num_devices=4)
+  message = str(error.value)
+  assert ("released = True (the `:released` variant) contradicts "
+          "stages.spcl.target_mask = 'online'; the released code has "
+          "'offline'") in message
+  assert "contradicts chain_model = 'final'" in message

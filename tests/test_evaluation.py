@@ -139,3 +139,29 @@ def test_pseudo_label_quality_by_hand():
   assert q['pseudo_label_recall']['sidewalk'] == pytest.approx(50.0)
   assert q['pseudo_label_precision']['car'] is None
   assert q['pseudo_label_pixel_precision'] == pytest.approx(100 * 110 / 130)
+
+
+def test_synthia_protocol_16_classes_and_13_subset_by_hand():
+  """The released SYNTHIA protocol: a 16 x 16 confusion over SYNTHIA's
+  classes (terrain, truck, train absent); the 13-class mIoU is its subset
+  without wall, fence and pole."""
+  confusion = np.diag(np.full(16, 10)).astype(np.int64)
+  confusion[3, 3], confusion[3, 2] = 5, 5   # wall: half predicted building
+  confusion[9, 9], confusion[9, 0] = 6, 4   # sky: 4 predicted road
+  # IoU: wall 5/10, building 10/15, sky 6/10, road 10/14, 12 others 1
+  hand16 = (12 + 5 / 10 + 10 / 15 + 6 / 10 + 10 / 14) / 16 * 100
+  hand13 = (10 + 10 / 15 + 6 / 10 + 10 / 14) / 13 * 100  # no wall/fence/pole
+  s16 = evaluation.summarize(confusion, 16, 'synthia16')
+  s13 = evaluation.summarize(confusion, 13, 'synthia16')
+  assert s16['miou'] == pytest.approx(hand16)
+  assert s13['miou'] == pytest.approx(hand13)
+  assert s16['per_class_iou']['sky'] == pytest.approx(60.0)
+  assert s16['per_class_iou']['wall'] == pytest.approx(50.0)
+  assert not {'terrain', 'truck', 'train'} & set(s16['per_class_iou'])
+  assert not {'wall', 'fence', 'pole'} & set(s13['per_class_iou'])
+  assert len(s13['per_class_iou']) == 13
+  with pytest.raises(ValueError, match='16 classes of label space'):
+    evaluation.summarize(np.eye(19), 16, 'synthia16')
+  with pytest.raises(ValueError, match=r"outside the label space 'synthia16'"
+                     r".*'terrain', 'truck', 'train'"):
+    evaluation.summarize(confusion, 19, 'synthia16')

@@ -11,6 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from spcl_jax import input_pipeline as ip
 from spcl_jax import labels as label_table
@@ -257,3 +258,27 @@ def test_out_of_range_label_values_are_ignored_and_counted():
   batch = next(iter(ip.train_loader(spec, source=[record])))
   assert (batch['label'][0, 0, :7] == 255).all()
   assert batch['invalid_label_pixels'][0] == 7
+
+
+def test_check_record_maps_stored_trainids_to_the_label_space():
+  record = {'image': np.zeros((1, 5, 3), np.uint8), 'image_id': b'r0',
+            'label': np.array([[10, 9, 18, 40, 255]], np.uint8)}
+  out = ip.CheckRecord(16, 'synthia16').map(record)
+  # sky -> 9, terrain -> ignored, bicycle -> 15, 40 invalid (counted)
+  np.testing.assert_array_equal(out['label'], [[9, 255, 15, 255, 255]])
+  assert out['invalid_label_pixels'] == 1
+
+
+def test_resize_interpolation_bicubic_for_images_nearest_for_labels():
+  rng = np.random.RandomState(0)
+  image = rng.randint(0, 256, (12, 20, 3)).astype(np.uint8)
+  label = rng.randint(0, 19, (12, 20)).astype(np.uint8)
+  element = {'image': image, 'label': label}
+  bicubic = ip.Resize((7, 9), True, 'bicubic').map(element)
+  bilinear = ip.Resize((7, 9)).map(element)
+  expected = np.asarray(Image.fromarray(image).resize((9, 7), Image.BICUBIC))
+  np.testing.assert_array_equal(bicubic['image'], expected)
+  assert not np.array_equal(bicubic['image'], bilinear['image'])
+  np.testing.assert_array_equal(bicubic['label'], ip.resize_label(label,
+                                                                  (7, 9)))
+  np.testing.assert_array_equal(bicubic['label'], bilinear['label'])

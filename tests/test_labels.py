@@ -25,3 +25,16 @@ def test_class_sets_and_tail():
   assert labels.TAIL_CLASSES == (3, 4, 6, 7, 9, 12, 14, 15, 16, 17, 18)
   assert labels.PALETTE.shape == (19, 3)
   assert tuple(labels.PALETTE[0]) == (128, 64, 128)  # road
+
+
+def test_synthia16_maps_trainids_and_ignores_terrain_truck_train():
+  lut = labels.trainid_lut('synthia16')
+  stored = np.array([0, 8, 9, 10, 14, 16, 17, 18, 255, 30])
+  # terrain (9), truck (14), train (16) -> ignore; sky 10 -> 9, ...
+  np.testing.assert_array_equal(lut[stored],
+                                [0, 8, 255, 9, 255, 255, 14, 15, 255, 30])
+  np.testing.assert_array_equal(labels.trainid_lut('cityscapes19'),
+                                np.arange(256))
+  assert labels.class_names('synthia16')[9] == 'sky'
+  assert labels.class_set_indices(13, 'synthia16') == (
+      0, 1, 2, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)

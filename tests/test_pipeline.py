@@ -203,3 +203,131 @@ def test_workdir_of_another_config_is_refused(tiny_demo, tmp_path):
   assert result.returncode == 1
   assert 'seed: 1 -> 0' in result.stderr
   assert '--allow_config_change' in result.stderr
+
+
+def test_written_pseudo_labels_take_the_self_training_path_apart():
+  from spcl_jax import pipeline
+  ignore = 255
+  model = np.array([[0, 1, ignore], [2, 2, 1]], np.uint8)
+  truth = np.array([[0, 2, 1], [2, ignore, 1]], np.uint8)
+  written = {mode: pipeline.written_pseudo_labels(mode, model, truth)
+             for mode in pipeline.LABEL_SOURCES}
+  np.testing.assert_array_equal(written['model'], model)
+  np.testing.assert_array_equal(written['stored'], truth)
+  # the model's coverage (5 pixels kept), every kept label the true one
+  np.testing.assert_array_equal(written['stored_where_kept'],
+                                [[0, 2, ignore], [2, ignore, 1]])
+  # the model's labels where right: its wrong 1 and its wrong 2 are dropped
+  np.testing.assert_array_equal(written['model_where_correct'],
+                                [[0, ignore, ignore], [2, ignore, 1]])
+  with pytest.raises(ValueError, match="'truth'.*expected one of"):
+    pipeline.written_pseudo_labels('truth', model, truth)
+
+
+def test_source_geometry_switch_builds_the_source_stream():
+  from configs import demo
+  from spcl_jax import input_pipeline as ip
+  from spcl_jax import pipeline
+  config = demo.get_config()
+
+  def source_spec():
+    ctx = pipeline.Context(config, '/nowhere', mesh=None, writer=None)
+    return pipeline._train_specs(
+        ctx, pipeline.STAGE_BY_NAME['warmup'])['source_iterator']
+
+  released = source_spec()   # resized to source_size, no crop, no flip
+  assert released.size == (96, 192)
+  assert (released.crop, released.scale_range, released.flip) == (
+      None, None, False)
+  assert not any(isinstance(op, ip.RandomScaleCropFlip)
+                 for op in ip.transforms_of(released))
+  config.data.source_scale_range = (0.5, 1.0)
+  config.data.source_crop_size = (96, 192)
+  config.data.source_flip = True
+  cropped = source_spec()
+  assert cropped.size is None  # scaled from the original, then cropped
+  assert (cropped.crop, cropped.scale_range, cropped.flip) == (
+      (96, 192), (0.5, 1.0), True)
+  assert [type(op).__name__ for op in ip.transforms_of(cropped)][-2:] == [
+      'RandomScaleCropFlip', 'Normalize']
+  pipeline.validate(config, num_devices=1)
+  config.data.source_crop_size = ()
+  with pytest.raises(ValueError, match=r'source_scale_range = \(0.5, 1.0\) '
+                     'needs data.source_crop_size'):
+    pipeline.validate(config, num_devices=1)
+
+
+def test_negative_source_weight_is_refused():
+  from configs import demo
+  from spcl_jax import pipeline
+  config = demo.get_config()
+  config.stages.self_training.source_weight = -1.0
+  with pytest.raises(ValueError, match=r'source_weight = -1.0 must be >= 0'):
+    pipeline.validate(config, num_devices=1)
+
+
+@pytest.mark.slow
+def test_vgg16_runs_every_stage(tiny_demo, tmp_path):
+  """VGG-16 has no BatchNorm (no `batch_stats` collection): every stage
+  runs, with trainable-BN stages (the smoke config trains BN) included; the
+  smoke config's base_width 16 narrows it 4x (fc6/fc7: 256 wide)."""
+  _main(tmp_path, tiny_demo, '--config.model.name=deeplabv2_vgg16',
+        '--config.chain_model=best',  # also loads the `best` checkpoints
+        '--config.stages.warmup.steps=1', '--config.stages.spcl.steps=1',
+        '--config.stages.self_training.steps=1',
+        '--config.stages.warmup.eval_every_steps=1',
+        '--config.stages.spcl.eval_every_steps=1',
+        '--config.stages.self_training.eval_every_steps=1')
+  report = json.loads((tmp_path / 'report.json').read_text())
+  assert list(report['stages']) == STAGES
+  assert report['config']['model']['name'] == 'deeplabv2_vgg16'
+  for name in ('warmup', 'spcl', 'self_training'):
+    assert report['stages'][name]['steps'] == 1, name
+  assert not _tree(tmp_path / 'warmup' / 'model').get('batch_stats')
+
+
+@pytest.mark.parametrize('seed', [0, 7, 2_147_482, 2_147_483, 20_261_128,
+                                  2**31 - 1])
+def test_every_seed_below_2_31_gives_distinct_grain_seeds(seed):
+  import grain  # pylint: disable=g-import-not-at-top
+  from spcl_jax import pipeline  # pylint: disable=g-import-not-at-top
+  seeds = {(stage.name, stream): pipeline.stream_seed(seed, stage.name,
+                                                      stream)
+           for stage in pipeline.STAGES for stream in pipeline.SEED_STREAMS}
+  assert len(set(seeds.values())) == len(seeds)
+  for value in seeds.values():
+    assert 0 <= value < 2**31
+    grain.samplers.IndexSampler(10, shuffle=True, num_epochs=1, seed=value)
+  assert seeds == {key: pipeline.stream_seed(seed, *key) for key in seeds}
+  if seed == 7:  # earlier runs keep their streams
+    assert seeds['spcl', 'target'] == 7031
+
+
+@pytest.mark.parametrize('seed', [-1, 2**31])
+def test_seed_outside_range_is_refused(seed):
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  from spcl_jax import pipeline  # pylint: disable=g-import-not-at-top
+  config = demo.get_config('smoke')
+  config.seed = seed
+  with pytest.raises(ValueError, match=rf'seed = {seed} must be an integer '
+                     r'in \[0, 2147483648\)'):
+    pipeline.validate(config, num_devices=8)
+
+
+def test_chain_model_picks_final_or_best_on_validation(tmp_path):
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from spcl_jax import pipeline  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'warmup').mkdir()
+  (tmp_path / 'warmup' / 'done.json').write_text(json.dumps(
+      {'best_step': 2000, 'steps': 40000}))
+  config = default.get_config()
+  ctx = pipeline.Context(config, str(tmp_path), mesh=None, writer=None)
+  assert pipeline.model_directory(ctx, 'warmup') == str(
+      tmp_path / 'warmup' / 'model')
+  config.chain_model = 'best'
+  assert pipeline.model_directory(ctx, 'warmup') == str(
+      tmp_path / 'warmup' / 'best' / '2000' / 'state')
+  config.chain_model = 'latest'
+  with pytest.raises(ValueError, match=r"chain_model: 'latest', expected "
+                     r"one of \('final', 'best'\)"):
+    pipeline.validate(config, num_devices=4)

@@ -7,8 +7,12 @@ Keyword arguments of `create_model`:
   dtype: compute dtype, jnp.float32 (default) or jnp.bfloat16; parameters
     stay float32 and the outputs are float32.
   aspp_rates: ASPP v2 dilation rates, default (6, 12, 18, 24).
-  base_width: ResNet stem width (default 64); smaller values make the CPU
-    demo model cheaper (and are incompatible with ImageNet weights).
+  frozen_bn_epsilon: ε of frozen BatchNorm (default 1e-5; 0 = released).
+  layer_init: 'flax' (default) or 'torch': PyTorch's default initialisation
+    of VGG-16's fresh fc6/fc7 (layers.conv_init).
+  base_width: ResNet stem width / VGG-16 conv1 width (default 64); smaller
+    values make the CPU demo model cheaper (and are incompatible with
+    ImageNet weights).
 """
 
 from typing import NamedTuple
@@ -38,7 +42,8 @@ MODELS = {
     'deeplabv2_vgg16': ModelSpec('vgg16', ()),
 }
 
-_BACKBONE_KW = ('bn_trainable', 'dtype', 'base_width')
+_BACKBONE_KW = ('bn_trainable', 'dtype', 'base_width', 'frozen_bn_epsilon',
+                'layer_init')
 _HEAD_KW = ('aspp_rates',)
 
 
@@ -56,8 +61,6 @@ def create_model(name: str, num_classes: int, **kw) -> DeepLabV2:
   if unknown:
     raise TypeError(f'create_model({name!r}): unknown keyword arguments '
                     f'{unknown}; accepted: {sorted(_BACKBONE_KW + _HEAD_KW)}')
-  if 'base_width' in kw and spec.arch == 'vgg16':
-    raise TypeError(f'create_model({name!r}): base_width applies to ResNets')
   backbone_kw = {k: v for k, v in kw.items() if k in _BACKBONE_KW}
   head_kw = {k: v for k, v in kw.items() if k in _HEAD_KW}
   dtype = kw.get('dtype', jnp.float32)
@@ -66,11 +69,18 @@ def create_model(name: str, num_classes: int, **kw) -> DeepLabV2:
   return DeepLabV2(backbone, num_classes, dtype=dtype, **head_kw)
 
 
+def with_batch_stats(variables: dict) -> dict:
+  """`variables` with a `batch_stats` collection, empty for a model without
+  BatchNorm (VGG-16), so that every stage reads the same two collections."""
+  return {'batch_stats': {}, **variables}
+
+
 def init_variables(model: DeepLabV2, rng: jax.Array, image_size=(64, 64)):
-  """Fresh variables {"params", "batch_stats"} (float32) of `model`."""
+  """Fresh variables {"params", "batch_stats"} (float32) of `model`
+  (`batch_stats` empty for a model without BatchNorm)."""
   images = jnp.zeros((1, *image_size, 3), jnp.float32)
-  return flax.core.unfreeze(jax.jit(model.init, static_argnames='train')(
-      rng, images, train=False))
+  return with_batch_stats(flax.core.unfreeze(jax.jit(
+      model.init, static_argnames='train')(rng, images, train=False)))
 
 
 def load_pretrained(directory: str, name: str, num_classes: int,
@@ -94,8 +104,9 @@ def load_pretrained(directory: str, name: str, num_classes: int,
                        f'{value.shape} does not fit {name} (base_width must '
                        'be the default 64 to take ImageNet weights)')
     fresh[target] = jnp.asarray(value, jnp.float32)
-  return flax.traverse_util.unflatten_dict(fresh)
+  return with_batch_stats(flax.traverse_util.unflatten_dict(fresh))
 
 
 __all__ = ['ASPPv2', 'BatchNorm', 'DeepLabV2', 'Discriminator', 'MODELS',
-           'create_model', 'init_variables', 'load_pretrained']
+           'create_model', 'init_variables', 'load_pretrained',
+           'with_batch_stats']

@@ -5,7 +5,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from spcl_jax.models.layers import conv
+from spcl_jax.models.layers import conv, conv_init
 
 Dtype = Any
 
@@ -18,14 +18,17 @@ class Discriminator(nn.Module):
   widths: Sequence[int] = (64, 128, 256, 512)
   negative_slope: float = 0.2
   dtype: Dtype = jnp.float32
+  layer_init: str = 'flax'  # 'torch': PyTorch's defaults (layers.conv_init)
 
   @nn.compact
   def __call__(self, probabilities):
     x = probabilities.astype(self.dtype)
     for i, width in enumerate(self.widths):
       x = conv(width, 4, 2, padding=1, use_bias=True, dtype=self.dtype,
-               name=f'conv{i + 1}')(x)
+               name=f'conv{i + 1}',
+               **conv_init(self.layer_init, 16 * x.shape[-1]))(x)
       x = nn.leaky_relu(x, self.negative_slope)
     x = conv(1, 4, 2, padding=1, use_bias=True, dtype=self.dtype,
-             name='classifier')(x)
+             name='classifier',
+             **conv_init(self.layer_init, 16 * x.shape[-1]))(x)
     return x.astype(jnp.float32)

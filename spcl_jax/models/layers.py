@@ -34,6 +34,29 @@ def conv(features: int, kernel: int, stride: int = 1, dilation: int = 1,
                  bias_init=bias_init, name=name)
 
 
+def torch_conv_init(fan_in: int) -> dict:
+  """PyTorch's default Conv2d initialisation as `conv` keyword arguments:
+  kernel kaiming-uniform with a = sqrt(5) (U(+-1/sqrt(fan_in))), bias
+  U(+-1/sqrt(fan_in)); fan_in = in_channels * kernel_h * kernel_w."""
+  bound = fan_in ** -0.5
+
+  def bias_init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return {'kernel_init': nn.initializers.variance_scaling(
+      1 / 3, 'fan_in', 'uniform'), 'bias_init': bias_init}
+
+
+def conv_init(layer_init: str, fan_in: int) -> dict:
+  """`conv` initialisers of `model.layer_init`: 'flax' (kaiming-normal
+  kernel, zero bias: conv's defaults) or 'torch' (torch_conv_init)."""
+  if layer_init == 'flax':
+    return {}
+  if layer_init == 'torch':
+    return torch_conv_init(fan_in)
+  raise ValueError(f"layer_init: {layer_init!r}, expected 'flax' or 'torch'")
+
+
 class BatchNorm(nn.Module):
   """BatchNorm over the channel (last) axis with two modes.
 
@@ -45,10 +68,13 @@ class BatchNorm(nn.Module):
     average). Under `jax.jit` with the batch sharded over a mesh, the mean over
     the batch axis is the mean over the *global* batch (XLA inserts the
     cross-device reduction), which is SyncBatchNorm's behaviour.
-  Normalisation is computed in float32 and cast back to `dtype`.
+  Normalisation is computed in float32 and cast back to `dtype`; frozen
+  BatchNorm adds `frozen_epsilon` to the variance (0: the released code's
+  frozen BatchNorm), trainable BatchNorm `epsilon`.
   """
   trainable: bool = False
   epsilon: float = BN_EPSILON
+  frozen_epsilon: float = BN_EPSILON
   momentum: float = BN_MOMENTUM
   dtype: Dtype = jnp.float32
 
@@ -78,5 +104,6 @@ class BatchNorm(nn.Module):
       if not self.trainable:
         scale = jax.lax.stop_gradient(scale)
         bias = jax.lax.stop_gradient(bias)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    epsilon = self.epsilon if self.trainable else self.frozen_epsilon
+    y = (x32 - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias
     return y.astype(self.dtype)

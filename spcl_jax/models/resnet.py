@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from spcl_jax.models.layers import BatchNorm, conv
+from spcl_jax.models.layers import BN_EPSILON, BatchNorm, conv
 
 Dtype = Any
 
@@ -27,6 +27,11 @@ class _Block(nn.Module):
   downsample: bool = False
   bn_trainable: bool = False
   dtype: Dtype = jnp.float32
+  frozen_bn_epsilon: float = BN_EPSILON
+
+  def bn(self, name):
+    return BatchNorm(self.bn_trainable, dtype=self.dtype,
+                     frozen_epsilon=self.frozen_bn_epsilon, name=name)
 
 
 class BasicBlock(_Block):
@@ -37,7 +42,7 @@ class BasicBlock(_Block):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    bn = lambda name: BatchNorm(self.bn_trainable, dtype=self.dtype, name=name)
+    bn = self.bn
     out = conv(self.planes, 3, self.stride, self.dilation, dtype=self.dtype,
                name='conv1')(x)
     out = nn.relu(bn('bn1')(out, train))
@@ -57,7 +62,7 @@ class Bottleneck(_Block):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    bn = lambda name: BatchNorm(self.bn_trainable, dtype=self.dtype, name=name)
+    bn = self.bn
     out = conv(self.planes, 1, dtype=self.dtype, name='conv1')(x)
     out = nn.relu(bn('bn1')(out, train))
     out = conv(self.planes, 3, self.stride, self.dilation, dtype=self.dtype,
@@ -94,6 +99,8 @@ class ResNet(nn.Module):
   base_width: int = 64
   bn_trainable: bool = False
   dtype: Dtype = jnp.float32
+  frozen_bn_epsilon: float = BN_EPSILON  # 0: the released frozen BatchNorm
+  layer_init: str = 'flax'  # accepted for symmetry: every layer is ported
 
   @property
   def num_features(self) -> int:
@@ -104,7 +111,8 @@ class ResNet(nn.Module):
     x = x.astype(self.dtype)
     x = conv(self.base_width, 7, 2, padding=3, dtype=self.dtype,
              name='conv1')(x)
-    x = BatchNorm(self.bn_trainable, dtype=self.dtype, name='bn1')(x, train)
+    x = BatchNorm(self.bn_trainable, dtype=self.dtype,
+                  frozen_epsilon=self.frozen_bn_epsilon, name='bn1')(x, train)
     x = nn.relu(x)
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     in_channels = self.base_width
@@ -115,7 +123,8 @@ class ResNet(nn.Module):
         downsample = (stride != 1 or
                       in_channels != planes * self.block.expansion)
         x = self.block(planes, stride, dilation, downsample, self.bn_trainable,
-                       self.dtype, name=f'layer{stage + 1}_{index}')(x, train)
+                       self.dtype, self.frozen_bn_epsilon,
+                       name=f'layer{stage + 1}_{index}')(x, train)
         in_channels = planes * self.block.expansion
     return x
 

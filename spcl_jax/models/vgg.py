@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from spcl_jax.models.layers import conv
+from spcl_jax.models.layers import BN_EPSILON, conv, conv_init
 
 Dtype = Any
 
@@ -29,8 +29,10 @@ VGG16_TRUNK = (
 
 
 class VGG16Trunk(nn.Module):
-  """The convolutional trunk up to conv5_3 (+ReLU), output stride 8."""
+  """The convolutional trunk up to conv5_3 (+ReLU), output stride 8; every
+  width scaled by base_width / 64 (64: the ImageNet layout)."""
   dtype: Dtype = jnp.float32
+  base_width: int = 64
 
   @nn.compact
   def __call__(self, x):
@@ -40,18 +42,27 @@ class VGG16Trunk(nn.Module):
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       else:
         name, channels, dilation, _ = layer
-        x = nn.relu(conv(channels, 3, dilation=dilation, use_bias=True,
+        x = nn.relu(conv(channels * self.base_width // 64, 3,
+                         dilation=dilation, use_bias=True,
                          dtype=self.dtype, name=name)(x))
     return x
 
 
 class VGG16(nn.Module):
   """Trunk + fc6 (3x3, 512->1024, dilation 4) + fc7 (3x3, 1024->1024,
-  dilation 4), ReLU after each; fc6/fc7 are always freshly initialised."""
+  dilation 4), ReLU after each; fc6/fc7 are always freshly initialised.
+  base_width (default 64, the ImageNet layout) scales every width (fc6/fc7:
+  16 x base_width); smaller values make tests cheaper."""
   fc_dilation: int = 4
-  fc_width: int = 1024
+  base_width: int = 64
   bn_trainable: bool = False  # VGG-16 has no BatchNorm; accepted for symmetry.
   dtype: Dtype = jnp.float32
+  frozen_bn_epsilon: float = BN_EPSILON  # no BatchNorm; accepted for symmetry
+  layer_init: str = 'flax'  # of fc6/fc7: 'flax' or 'torch' (layers.conv_init)
+
+  @property
+  def fc_width(self) -> int:
+    return 16 * self.base_width
 
   @property
   def num_features(self) -> int:
@@ -60,9 +71,10 @@ class VGG16(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     del train  # no BatchNorm, no dropout
-    x = VGG16Trunk(self.dtype, name='trunk')(x)
+    x = VGG16Trunk(self.dtype, self.base_width, name='trunk')(x)
     for name in ('fc6', 'fc7'):
-      x = nn.relu(conv(self.fc_width, 3, dilation=self.fc_dilation,
+      init = conv_init(self.layer_init, 9 * x.shape[-1])
+      x = nn.relu(conv(self.fc_width, 3, dilation=self.fc_dilation, **init,
                        use_bias=True, dtype=self.dtype, name=name)(x))
     return x
 

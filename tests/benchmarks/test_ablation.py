@@ -130,7 +130,7 @@ def test_smoke_ablation_writes_tables_and_resumes(tiny_demo, tmp_path):
   with base.unlocked():
     base.data.data_dir = tiny_demo
   rows = _rows('source_only', 'full_spcl', 'self_training_no_cl', 'oracle',
-               'self_training_true_labels')
+               'self_training_true_labels', 'self_training_correct_pseudo_labels')
   table = ablation.run_ablation(base, str(tmp_path), 1, rows, 'smoke')
   written = json.loads((tmp_path / 'ablation.json').read_text())
   assert list(written['rows']) == [r.name for r in rows]
@@ -146,7 +146,7 @@ def test_smoke_ablation_writes_tables_and_resumes(tiny_demo, tmp_path):
   stores = sorted(os.listdir(tmp_path / 'stages'))
   assert sum(s.startswith('warmup-') for s in stores) == 3  # so, full, oracle
   assert sum(s.startswith('spcl-') for s in stores) == 2
-  assert sum(s.startswith('pseudo_labels_2-') for s in stores) == 3
+  assert sum(s.startswith('pseudo_labels_2-') for s in stores) == 4
   # the diagnostic row's self-training read the stored labels: perfect
   # pseudo labels, every labelled pixel covered
   true_labels = json.loads((tmp_path / 'rows' / 'self_training_true_labels' /
@@ -161,6 +161,15 @@ def test_smoke_ablation_writes_tables_and_resumes(tiny_demo, tmp_path):
   assert model['labels_from'] == 'model'
   assert set(model['pseudo_label_precision']) == set(true_labels[
       'pseudo_label_precision'])
+  # the model's right labels only: what it kept, less its errors
+  correct = json.loads((tmp_path / 'rows' /
+                        'self_training_correct_pseudo_labels' / 'seed0' /
+                        'pseudo_labels_2' / 'done.json').read_text())
+  assert correct['labels_from'] == 'model_where_correct'
+  assert correct['pseudo_label_pixel_precision'] == 100.0
+  # every right label of the model kept, so per-class recall is unchanged
+  assert correct['pseudo_label_recall'] == model['pseudo_label_recall']
+  assert correct['pseudo_label_coverage'] < model['pseudo_label_coverage']
   done = {s: os.path.getmtime(tmp_path / 'stages' / s / 'done.json')
           for s in stores}
   # rerun: every row is finished, nothing retrains

@@ -250,9 +250,10 @@ def test_cityscapes_splits_with_city_folders(tmp_path):
         _save_gray(f'{root}/gtFine/{folder}/{city}/{stem}_gtFine_labelIds.png',
                    ids)
         expected[(split, stem)] = (image, label_table.ID_TO_TRAINID[ids])
-  builders.build('cityscapes', str(tmp_path / 'out'), manual_dir=str(root))
+  builders.build('spcl_cityscapes', str(tmp_path / 'out'), manual_dir=str(root))
   for split in layout:
-    records = _read_split(str(tmp_path / 'out'), 'cityscapes', split)
+    records = _read_split(str(tmp_path / 'out'), 'spcl_cityscapes',
+                          split)
     wanted = {stem: v for (s, stem), v in expected.items() if s == split}
     assert sorted(records) == sorted(wanted)
     for stem, (image, train) in wanted.items():
@@ -270,3 +271,15 @@ def test_manual_files_reads_extracted_and_zipped_alike(tmp_path):
   assert files.read('b/y.txt') == b'zipped'
   assert files.list('b', '.txt') == ['b/y.txt'] and files.has_dir('a')
   assert io.BytesIO(files.read('b/y.txt')).read() == b'zipped'
+
+
+def test_no_builder_name_collides_with_a_tfds_builder():
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+  registered = set(tfds.list_builders(with_community_datasets=False))
+  for key, builder in builders.DATASETS.items():
+    assert builder.name == key
+    # a registered name must be our own builder (sim2real_demo registers)
+    if key in registered:
+      assert tfds.builder_cls(key) is builder, key
+  assert default.get_config().data.target == 'spcl_cityscapes'

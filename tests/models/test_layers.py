@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
 from spcl_jax import sharding
@@ -92,3 +93,64 @@ def test_trainable_batchnorm_uses_global_batch_when_sharded():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                        atol=1e-6),
                multi_stats, single_stats)
+
+
+def test_frozen_batchnorm_epsilon_zero_is_the_released_frozen_bn():
+  """model.frozen_bn_epsilon = 0: (x - mean) / sqrt(var) * scale + bias."""
+  v = _variables()
+  stats, params = v['batch_stats'], v['params']
+  by_hand = {eps: (X - stats['mean']) / np.sqrt(stats['var'] + eps)
+             * params['scale'] + params['bias'] for eps in (0.0, 1e-5)}
+  released = BatchNorm(frozen_epsilon=0.0).apply(v, X, train=True)
+  default = BatchNorm().apply(v, X, train=True)
+  np.testing.assert_allclose(released, by_hand[0.0], rtol=1e-6)
+  np.testing.assert_allclose(default, by_hand[1e-5], rtol=1e-6)
+  assert not np.allclose(released, default, rtol=1e-7, atol=0)
+  # the trainable mode's ε is not the frozen one
+  trainable = BatchNorm(True, frozen_epsilon=0.0).apply(v, X, train=False)
+  np.testing.assert_allclose(trainable, by_hand[1e-5], rtol=1e-6)
+
+
+def test_resnet_threads_frozen_bn_epsilon_to_every_batchnorm():
+  model = create_model('deeplabv2_resnet18', 3, base_width=8,
+                       frozen_bn_epsilon=0.0)
+  variables = init_variables(model, jax.random.key(0), (16, 16))
+  other = create_model('deeplabv2_resnet18', 3, base_width=8)
+  x = jnp.asarray(X[:1, :, :, :])
+  # zero running variance of one channel: no ε -> inf/nan, ε -> finite
+  flat = jax.tree_util.tree_map(lambda a: a, variables)
+  flat['batch_stats']['backbone']['bn1']['var'] = (
+      flat['batch_stats']['backbone']['bn1']['var'].at[0].set(0.0))
+  assert np.isfinite(other.apply(flat, x)['logits']).all()
+  assert not np.isfinite(model.apply(flat, x)['logits']).all()
+
+
+@pytest.mark.parametrize('module', ['discriminator', 'vgg_fc6'])
+def test_torch_layer_init_is_pytorch_default(module):
+  """layer_init='torch': kernel U(+-1/sqrt(fan_in)) (kaiming-uniform with
+  a = sqrt(5)) and bias U(+-1/sqrt(fan_in)), as torch.nn.Conv2d."""
+  from spcl_jax.models import Discriminator  # pylint: disable=g-import-not-at-top
+  from spcl_jax.models import vgg  # pylint: disable=g-import-not-at-top
+  if module == 'discriminator':
+    make = lambda init: Discriminator((32, 16, 8, 8), layer_init=init)
+    x, path, fan_in = jnp.zeros((1, 64, 64, 19)), ('conv1',), 19 * 16
+  else:
+    make = lambda init: vgg.VGG16(base_width=8, layer_init=init)
+    x, path, fan_in = jnp.zeros((1, 32, 32, 3)), ('fc6',), 64 * 9
+  params = {init: make(init).init(jax.random.key(0), x)['params']
+            for init in ('flax', 'torch')}
+  layer = {k: p[path[0]] for k, p in params.items()}
+  kernel, bias = (np.asarray(layer['torch']['kernel']),
+                  np.asarray(layer['torch']['bias']))
+  bound = 1 / np.sqrt(fan_in)
+  torch_conv = torch.nn.Conv2d(kernel.shape[2], kernel.shape[3],
+                               kernel.shape[0])
+  assert torch_conv.weight.abs().max().item() <= bound
+  assert np.abs(kernel).max() <= bound and np.abs(bias).max() <= bound
+  assert kernel.std() == pytest.approx(bound / np.sqrt(3), rel=0.05)
+  assert torch_conv.weight.std().item() == pytest.approx(bound / np.sqrt(3),
+                                                         rel=0.05)
+  assert np.abs(bias).min() > 0 and np.abs(bias).max() > bound / 2
+  assert not np.asarray(layer['flax']['bias']).any()  # flax: zero bias
+  assert np.asarray(layer['flax']['kernel']).std() == pytest.approx(
+      np.sqrt(2 / fan_in), rel=0.05)  # flax: kaiming-normal
