@@ -42,6 +42,7 @@ from spcl_jax import evaluation
 from spcl_jax import input_pipeline as ip
 from spcl_jax import labels as label_table
 from spcl_jax import models
+from spcl_jax.models import layers
 from spcl_jax import sharding as sharding_lib
 from spcl_jax import spcl
 from spcl_jax import train
@@ -97,9 +98,9 @@ def validate(config: ml_collections.ConfigDict,
   if config.chain_model not in CHAIN_MODELS:
     problems.append(f'chain_model: {config.chain_model!r}, expected one of '
                     f'{CHAIN_MODELS}')
-  if config.model.layer_init not in ('flax', 'torch'):
-    problems.append(f"model.layer_init: {config.model.layer_init!r}, "
-                    "expected 'flax' or 'torch'")
+  if config.model.layer_init not in layers.LAYER_INITS:
+    problems.append(f'model.layer_init: {config.model.layer_init!r}, '
+                    f'expected one of {layers.LAYER_INITS}')
   if config.model.frozen_bn_epsilon < 0:
     problems.append(f'model.frozen_bn_epsilon = '
                     f'{config.model.frozen_bn_epsilon} must be >= 0')

@@ -47,6 +47,10 @@ def torch_conv_init(fan_in: int) -> dict:
       1 / 3, 'fan_in', 'uniform'), 'bias_init': bias_init}
 
 
+# `model.layer_init`: the initialisations conv_init knows.
+LAYER_INITS = ('flax', 'torch')
+
+
 def conv_init(layer_init: str, fan_in: int) -> dict:
   """`conv` initialisers of `model.layer_init`: 'flax' (kaiming-normal
   kernel, zero bias: conv's defaults) or 'torch' (torch_conv_init)."""
@@ -54,7 +58,8 @@ def conv_init(layer_init: str, fan_in: int) -> dict:
     return {}
   if layer_init == 'torch':
     return torch_conv_init(fan_in)
-  raise ValueError(f"layer_init: {layer_init!r}, expected 'flax' or 'torch'")
+  raise ValueError(f'layer_init: {layer_init!r}, expected one of '
+                   f'{LAYER_INITS}')
 
 
 class BatchNorm(nn.Module):
