@@ -61,6 +61,7 @@ from configs import default
 from spcl_jax import input_pipeline as ip
 from spcl_jax import labels as label_table
 from spcl_jax import pipeline
+from spcl_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file[:args]',
                                           lock_config=True)
@@ -486,7 +487,7 @@ def run_ablation(base, workdir: str, seeds: int, rows: list[Row],
           'machine': f'{os.cpu_count()} CPU cores' if
                      _platform() == 'cpu' else _platform()}
   timing_path = os.path.join(workdir, 'wall_time.json')
-  previous = (pipeline.read_json(timing_path)['seconds']
+  previous = (workdir_lib.read_json(timing_path)['seconds']
               if os.path.exists(timing_path) else 0.0)
   for seed in range(seeds):   # seed-major: early results cover every row
     for row in rows:
@@ -495,9 +496,9 @@ def run_ablation(base, workdir: str, seeds: int, rows: list[Row],
       results[row.name, seed] = run_row(config, row, seed, workdir)
       steps[row.name] = row_steps(config, row)
       meta['wall_time_s'] = previous + time.time() - start
-      pipeline.write_json(timing_path, {'seconds': meta['wall_time_s']})
+      workdir_lib.write_json(timing_path, {'seconds': meta['wall_time_s']})
       table = summarize(rows, results, steps)
-      pipeline.write_json(os.path.join(workdir, 'ablation.json'),
+      workdir_lib.write_json(os.path.join(workdir, 'ablation.json'),
                           {'rows': table, **meta}, sort_keys=False)
       with open(os.path.join(workdir, 'ablation.md.tmp'), 'w') as f:
         f.write(markdown(table, meta))
@@ -524,7 +525,7 @@ def main(argv):
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  print(markdown(table, pipeline.read_json(os.path.join(
+  print(markdown(table, workdir_lib.read_json(os.path.join(
       _WORKDIR.value, 'ablation.json'))))
 
 

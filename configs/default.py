@@ -50,6 +50,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Directory written by `python -m data_prep.port_torchvision`; '' trains
       # from scratch (only sensible for the demo).
       'pretrained_dir': '',
+      # True: if pretrained_dir holds no weights, make them first with the
+      # config's `pretrain` block (`spcl_jax.pretrain`; the demo's stand-in
+      # for ImageNet weights, configs/demo.py:pretrained).
+      'pretrain_if_missing': False,
       'aspp_rates': (6, 12, 18, 24),
       # ε of frozen BatchNorm: PyTorch's BatchNorm2d default; the released
       # code's frozen BatchNorm has none (0.0).
@@ -171,11 +175,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   })
   c.log_every_steps = 50
 
-  # Test hook (deterministic preemption): the process sends itself SIGTERM
-  # when `sigterm_stage` reaches step `sigterm_at_step`; never set in a run.
+  # Test hooks, never set in a run. Deterministic preemption: the process
+  # sends itself SIGTERM when `sigterm_stage` reaches step `sigterm_at_step`.
+  # Deterministic crash: the process sends itself SIGKILL right after the
+  # write named by `crash_after_write` (workdir-relative: '<stage>/
+  # checkpoints/<step>', '<stage>/best/<step>', '<stage>/eval_history.json',
+  # '<stage>/model', '<stage>/prototypes', '<stage>/labels',
+  # '<stage>/done.json', or 'report.json:<stage>' for the report's update
+  # after <stage>).
   c.testing = ml_collections.ConfigDict({
       'sigterm_stage': '',
       'sigterm_at_step': -1,
+      'crash_after_write': '',
   })
   return apply_arg(c, arg, {})
 

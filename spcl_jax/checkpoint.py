@@ -4,14 +4,21 @@ iterators, and atomic single-tree outputs (models, prototype banks).
   DIR/<stage>/checkpoints/<step>/{state, source_iterator, target_iterator}
   DIR/<stage>/best/<step>/state      best-mIoU model of the stage
   DIR/<stage>/<output>/              final model / prototype bank
+  DIR/<stage>/unreadable_checkpoints/<step>/  checkpoints found unreadable
 Orbax writes every checkpoint under a temporary name and renames it when
-complete, so an interrupted save never looks like a checkpoint.
+complete, so an interrupted save never looks like a checkpoint; the
+temporary folders of interrupted saves are removed when a manager opens.
+A step written again after a resume (best/<step>, an output) replaces the
+earlier write instead of colliding with it.
 """
 
 import os
+import shutil
 
+from absl import logging
 import grain
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from spcl_jax import sharding as sharding_lib
@@ -36,10 +43,49 @@ class StageCheckpoints:
     self.manager = ocp.CheckpointManager(
         os.path.abspath(directory), item_names=tuple(handlers),
         item_handlers=handlers,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True))
 
   def latest_step(self):
     return self.manager.latest_step()
+
+  def restore_newest_readable(self, abstract_state, iterators: dict,
+                              unreadable_dir: str):
+    """(step, state) of the newest checkpoint that restores, or (None,
+    None) when there is none. Newer unreadable ones (a truncated file, a
+    deleted _METADATA) are moved to `unreadable_dir`/<step>, with a warning
+    naming them, so that the resumed run can write those steps again. If
+    none restores, raises UnreadableCheckpointError naming each one and
+    moves nothing."""
+    failures = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        state = self.restore(step, abstract_state, iterators)
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        failures.append((step, self.step_dir(step), e))
+        continue
+      for bad_step, path, error in failures:
+        moved_to = os.path.join(unreadable_dir, str(bad_step))
+        logging.warning(
+            'checkpoint of step %d at %s is unreadable (%s: %s); resuming '
+            'from step %d instead; moved it to %s (safe to delete)',
+            bad_step, path, type(error).__name__, _first_line(error), step,
+            moved_to)
+        _move_aside(path, moved_to)
+      if failures:
+        self.manager.reload()
+      return step, state
+    if failures:
+      raise UnreadableCheckpointError(
+          'no checkpoint in ' + str(self.manager.directory) + ' can be read:'
+          + ''.join(f'\n  step {step} at {path}: {type(error).__name__}: '
+                    f'{_first_line(error)}' for step, path, error in failures)
+          + '\nMove or delete these folders to restart the stage from its '
+          'beginning.')
+    return None, None
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(str(self.manager.directory), str(step))
 
   def save(self, step: int, state, iterators: dict) -> None:
     items = {'state': ocp.args.StandardSave(state)}
@@ -61,6 +107,33 @@ class StageCheckpoints:
     self.manager.close()
 
 
+class UnreadableCheckpointError(RuntimeError):
+  """No checkpoint of a stage can be restored."""
+
+
+def _first_line(error: Exception) -> str:
+  return (str(error).strip().splitlines() or [''])[0][:300]
+
+
+def _is_primary() -> bool:
+  return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _move_aside(path: str, destination: str) -> None:
+  """Moves `path` to `destination` (replacing an earlier one there)."""
+  if _is_primary():
+    os.makedirs(os.path.dirname(destination), exist_ok=True)
+    if os.path.exists(destination):
+      shutil.rmtree(destination)
+    os.rename(path, destination)
+  _sync(f'moved-aside-{destination}')
+
+
 class BestCheckpoint:
   """Keeps the model with the best evaluation mIoU of a stage."""
 
@@ -69,9 +142,23 @@ class BestCheckpoint:
         os.path.abspath(directory), item_names=('state',),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, best_fn=lambda metrics: metrics['miou'],
-            best_mode='max', create=True))
+            best_mode='max', create=True, cleanup_tmp_directories=True))
+
+  def discard_after(self, step: int) -> list[int]:
+    """Deletes the entries of steps after `step`: written by a run that
+    stopped before its checkpoint of that step, they are evaluated again by
+    the run resuming from `step`. Returns the steps deleted."""
+    later = [s for s in self.manager.all_steps() if s > step]
+    for s in later:
+      logging.info('%s: deleting step %d, written after the checkpoint '
+                   'resumed from (step %d); it is evaluated again',
+                   self.manager.directory, s, step)
+      self.manager.delete(s)
+    return later
 
   def offer(self, step: int, variables, miou: float) -> None:
+    if step in self.manager.all_steps():   # evaluated again: replace it
+      self.manager.delete(step)
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(variables)), metrics={'miou': miou},
                       force=True)
@@ -82,10 +169,27 @@ class BestCheckpoint:
 
 
 def save_tree(directory: str, tree) -> None:
-  """Writes one pytree atomically (temporary directory, then rename)."""
+  """Writes one pytree at `directory`, replacing an earlier finished write
+  there (a stage's output written again after a crash before its
+  done.json). The tree is written complete at `.<name>.writing` (orbax:
+  temporary name, then rename), then swapped in by renames; an interrupted
+  write or swap leaves only those names, which `workdir.remove_litter`
+  deletes, never a stuck or half-written `directory`."""
+  final = os.path.abspath(directory)
+  parent, name = os.path.split(final)
+  writing = os.path.join(parent, f'.{name}.writing')
+  replaced = os.path.join(parent, f'.{name}.replaced')
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(directory), tree)
+  checkpointer.save(writing, tree, force=True)   # force: a crash's leftover
   checkpointer.wait_until_finished()
+  if _is_primary():
+    if os.path.exists(replaced):
+      shutil.rmtree(replaced)
+    if os.path.exists(final):
+      os.rename(final, replaced)
+    os.rename(writing, final)
+    shutil.rmtree(replaced, ignore_errors=True)
+  _sync(f'saved-{final}')
 
 
 def load_tree(directory: str, abstract):

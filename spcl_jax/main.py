@@ -3,7 +3,11 @@ r"""Runs the SPCL pipeline (or one stage of it).
   python -m spcl_jax.main --config=configs/demo.py --workdir=/tmp/spcl_demo
   python -m spcl_jax.main --config=configs/gta5.py:spcl --workdir=DIR
 
-Rerunning skips finished stages and resumes an unfinished one. Several
+Rerunning skips finished stages and resumes an unfinished one. Exit status:
+0 when every asked stage is finished, 75 when preempted (SIGTERM; the state
+is checkpointed: rerun the same command to resume), 1 on an error reported
+in one line (a bad config, missing inputs, a non-finite loss, no readable
+checkpoint). Several
 processes (TPU pods, multi-node GPU) are detected by `jax.distributed`; a
 local multi-process CPU run passes --coordinator_address, --num_processes
 and --process_id.
@@ -18,6 +22,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from spcl_jax import checkpoint
 from spcl_jax import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file[:args]',
@@ -56,10 +61,12 @@ def main(argv):
   try:
     pipeline.run(_CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
   except pipeline.Preempted as e:
-    logging.info('%s; rerun the same command to resume', e)
-    sys.exit(0)
+    logging.info('%s; rerun the same command to resume (exit status %d)', e,
+                 pipeline.PREEMPTED_EXIT_STATUS)
+    sys.exit(pipeline.PREEMPTED_EXIT_STATUS)
   except (pipeline.ConfigMismatchError, pipeline.NonFiniteLossError,
-          FileNotFoundError, ValueError) as e:
+          checkpoint.UnreadableCheckpointError, FileNotFoundError,
+          ValueError) as e:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

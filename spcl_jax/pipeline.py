@@ -18,6 +18,12 @@ Workdir layout:
   DIR/<stage>/prototypes/        prototype bank (prototypes, spcl)
   DIR/<stage>/labels/            pseudo-label shards (pseudo-label stages)
   DIR/<stage>/done.json          the stage's results; present = finished
+  DIR/<stage>/unreadable_checkpoints/  checkpoints found unreadable (moved)
+
+Every write goes to a temporary name and is renamed when complete; a stage's
+outputs are trusted only once its done.json exists, and are written again
+(replacing any earlier write) by a rerun before that. A run removes the
+temporaries an interrupted one left (`workdir.remove_litter`).
 """
 
 import dataclasses
@@ -25,7 +31,6 @@ import hashlib
 import json
 import os
 import signal
-import tempfile
 import time
 
 from absl import logging
@@ -46,6 +51,7 @@ from spcl_jax.models import layers
 from spcl_jax import sharding as sharding_lib
 from spcl_jax import spcl
 from spcl_jax import train
+from spcl_jax import workdir as workdir_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +83,12 @@ _RESUMABLE_CHANGES = ('stages_to_run', 'testing.', 'data.data_dir',
 
 class Preempted(Exception):
   """SIGTERM arrived; the latest state was checkpointed."""
+
+
+# The exit status of a preempted run (main.py): "temporary failure, rerun the
+# same command to resume" (sysexits' EX_TEMPFAIL). 0 means every asked stage
+# is finished.
+PREEMPTED_EXIT_STATUS = os.EX_TEMPFAIL  # 75
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -219,19 +231,8 @@ def check_workdir_config(config, workdir: str,
     write_json(path, current)
 
 
-def write_json(path: str, data, sort_keys: bool = True) -> None:
-  """Atomic JSON write (temporary file in the same directory, then rename)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix='.tmp-', dir=directory)
-  with os.fdopen(fd, 'w') as f:
-    json.dump(data, f, indent=2, sort_keys=sort_keys, default=float)
-  os.replace(tmp, path)
-
-
-def read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
+write_json = workdir_lib.write_json  # atomic: temporary name, then rename
+read_json = workdir_lib.read_json
 
 
 # ------------------------------------------------------------- the context --
@@ -260,6 +261,10 @@ class Context:
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
+
+
+def _crash_after(ctx, write: str, wait=None) -> None:
+  workdir_lib.crash_after_write(ctx.config, write, wait)
 
 
 def _any_process(flag: bool) -> bool:
@@ -498,11 +503,13 @@ def run_train_stage(ctx, stage: Stage) -> dict:
       ctx.stage_dir(stage.name, 'checkpoints'), config.checkpoint.keep,
       tuple(iterators))
   best = checkpoint.BestCheckpoint(ctx.stage_dir(stage.name, 'best'))
-  latest = checkpoints.latest_step()
+  latest, restored = checkpoints.restore_newest_readable(
+      checkpoint.abstract_like(state, ctx.mesh), iterators,
+      ctx.stage_dir(stage.name, 'unreadable_checkpoints'))
   if latest is not None:
     logging.info('%s: resuming from step %d', stage.name, latest)
-    state = checkpoints.restore(
-        latest, checkpoint.abstract_like(state, ctx.mesh), iterators)
+    state = restored
+  best.discard_after(latest or 0)
   step_fn = jax.jit(_make_step(ctx, stage, model, tx, parts),
                     donate_argnums=0)
   eval_step = jax.jit(train.make_eval_step(eval_model))
@@ -544,12 +551,16 @@ def run_train_stage(ctx, stage: Stage) -> dict:
       history.append({'step': step, 'miou': result['miou']})
       if jax.process_index() == 0:
         write_json(history_path, history)
+      _crash_after(ctx, f'{stage.name}/eval_history.json')
       ctx.writer.write_scalars(step, {f'{stage.name}/eval_miou':
                                       result['miou']})
       best.offer(step, state.variables(), result['miou'])
+      _crash_after(ctx, f'{stage.name}/best/{step}')
     if step % config.checkpoint.every_steps == 0 or step == cfg.steps:
       checkpoints.save(step, state, iterators)
       last_saved = step
+      _crash_after(ctx, f'{stage.name}/checkpoints/{step}',
+                   wait=checkpoints.wait)
     if _any_process(ctx.preempted):
       if last_saved != step:
         checkpoints.save(step, state, iterators)
@@ -561,10 +572,12 @@ def run_train_stage(ctx, stage: Stage) -> dict:
   logging.info('%s: process %d state digest %s', stage.name,
                jax.process_index(), state_digest(state))
   checkpoint.save_tree(ctx.stage_dir(stage.name, 'model'), state.variables())
+  _crash_after(ctx, f'{stage.name}/model')
   if stage.step == 'spcl':
     checkpoint.save_tree(ctx.stage_dir(stage.name, 'prototypes'),
                          state.prototype_bank)
-  if not history or history[-1]['step'] != step:  # resumed at the end
+    _crash_after(ctx, f'{stage.name}/prototypes')
+  if result is None:  # resumed at the last step: its evaluation is not kept
     result = evaluate(ctx, eval_model, state.variables(), eval_step)
   best_step = best.manager.best_step()
   checkpoints.close()
@@ -593,6 +606,7 @@ def run_prototypes_stage(ctx, stage: Stage) -> dict:
     sums = sums.merge(init_step(variables, _global(ctx, batch)))
   bank = spcl.prototype_bank_from_sums(sums)
   checkpoint.save_tree(ctx.stage_dir(stage.name, 'prototypes'), bank)
+  _crash_after(ctx, f'{stage.name}/prototypes')
   images = np.asarray(sums.num_images)
   return {'model_from': stage.model_from,
           **read_json(ctx.done_path(stage.model_from)),
@@ -678,6 +692,7 @@ def run_pseudo_labels_stage(ctx, stage: Stage) -> dict:
         truth = np.asarray(truth).reshape(-1)
         truth_pixels += np.bincount(truth[truth < model.num_classes],
                                     minlength=model.num_classes)
+  _crash_after(ctx, f'{stage.name}/labels')
   counts = multihost_utils.process_allgather(
       np.array([kept, total], np.int64)).reshape(-1, 2).sum(0) if (
           jax.process_count() > 1) else np.array([kept, total])
@@ -726,21 +741,29 @@ def _ensure_demo_data(ctx) -> None:
       continue
     from data_prep import builders  # pylint: disable=g-import-not-at-top
     version = str(builders.DATASETS[name].VERSION)
-    info = os.path.join(ctx.data_dir(), name, config_name or 'default',
-                        version, 'dataset_info.json')
+    config_dir = os.path.join(ctx.data_dir(), name, config_name or 'default')
+    info = os.path.join(config_dir, version, 'dataset_info.json')
     if not os.path.exists(info):
       if jax.process_index() == 0:
         logging.info('building %s %s into %s', dataset, version,
                      ctx.data_dir())
         builders.build(name, ctx.data_dir(), config_name or None)
       _sync('demo-data-built')
+    if jax.process_index() == 0:   # what a killed build left behind
+      workdir_lib.remove_incomplete_tfds_builds(config_dir)
 
 
-def update_report(ctx, stage_name: str, result: dict) -> None:
+def update_report(ctx, stage_name: str, result: dict,
+                  only_if_missing: bool = False) -> None:
+  """Writes `result` as the report's entry of `stage_name` (process 0);
+  `only_if_missing`: only if the report has no entry for it (a finished
+  stage whose run stopped between its done.json and the report)."""
   if jax.process_index() != 0:
     return
   path = os.path.join(ctx.workdir, 'report.json')
   report = read_json(path) if os.path.exists(path) else {'stages': {}}
+  if only_if_missing and stage_name in report['stages']:
+    return
   report['stages'][stage_name] = result
   order = [s.name for s in STAGES]
   report['stages'] = dict(sorted(report['stages'].items(),
@@ -760,6 +783,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       os.path.join(workdir, 'tensorboard'),
       just_logging=jax.process_index() > 0)
   ctx = Context(config, workdir, sharding_lib.make_mesh(), writer)
+  if jax.process_index() == 0:
+    workdir_lib.remove_litter(workdir, [s.name for s in STAGES])
+  _sync('litter-removed')
   previous = signal.signal(signal.SIGTERM, lambda *_: setattr(
       ctx, 'preempted', True))
   try:
@@ -776,14 +802,20 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       if ctx.is_done(stage.name):
         logging.info('%s: finished earlier, skipped', stage.name)
         results[stage.name] = read_json(ctx.done_path(stage.name))
+        update_report(ctx, stage.name, results[stage.name],
+                      only_if_missing=True)
         continue
+      if _any_process(ctx.preempted):
+        raise Preempted(f'preempted before stage {stage.name} started')
       _check_inputs(ctx, stage)
       logging.info('%s: starting', stage.name)
       result = RUNNERS[stage.kind](ctx, stage)
       _sync(f'{stage.name}-finished')
       if jax.process_index() == 0:
         write_json(ctx.done_path(stage.name), result)
+      _crash_after(ctx, f'{stage.name}/done.json')
       update_report(ctx, stage.name, result)
+      _crash_after(ctx, f'report.json:{stage.name}')
       _sync(f'{stage.name}-reported')
       logging.info('%s: mIoU %.2f', stage.name, result['miou'])
       results[stage.name] = result

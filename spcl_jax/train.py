@@ -18,6 +18,7 @@ import optax
 
 from spcl_jax import evaluation
 from spcl_jax import models
+from spcl_jax import pretrain
 from spcl_jax import spcl
 
 Batch = dict
@@ -363,10 +364,24 @@ def model_for_stage(config, bn_trainable: bool):
 
 
 def initial_variables(config, rng):
-  """ImageNet-initialised (ported weights) or fresh variables."""
+  """ImageNet-initialised (ported weights), pretrained (the demo's stand-in,
+  made on first use with `model.pretrain_if_missing`) or fresh variables."""
   model = model_for_stage(config, False)
   if config.model.pretrained_dir:
-    return models.load_pretrained(config.model.pretrained_dir,
+    directory = config.model.pretrained_dir
+    if config.model.pretrain_if_missing:
+      if 'pretrain' not in config:
+        raise ValueError('model.pretrain_if_missing needs a `pretrain` block '
+                         'in the config (configs/demo_pretrain.py, as '
+                         'configs/demo.py has)')
+      made_for = (config.pretrain.model.name, config.pretrain.model.base_width)
+      if made_for != (config.model.name, config.model.base_width):
+        raise ValueError(
+            f'pretrain.model is {made_for[0]} at base width {made_for[1]} '
+            f'but model is {config.model.name} at base width '
+            f'{config.model.base_width}; set both alike')
+      directory = pretrain.ensure_pretrained(directory, config.pretrain)
+    return models.load_pretrained(directory,
                                   config.model.name, config.model.num_classes,
                                   rng, **model_kwargs(config))
   return models.init_variables(model, rng)

@@ -57,16 +57,18 @@ def _copy_stages_before_spcl(reference, workdir):
   shutil.copy(reference / 'config.json', workdir / 'config.json')
 
 
-@pytest.fixture(scope='module')
-def reference_run(tiny_demo, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('reference')
-  result = _main(workdir, tiny_demo)
+@pytest.fixture
+def reference_run(smoke_reference):
+  workdir, result = smoke_reference
+  if result.returncode != 0:
+    raise AssertionError(f'exit {result.returncode}\n{result.stderr[-6000:]}')
   return workdir, result
 
 
 @pytest.mark.slow
 def test_smoke_pipeline_writes_every_stage_and_rerun_skips(tiny_demo,
-                                                           reference_run):
+                                                           reference_run,
+                                                           tmp_path):
   workdir, _ = reference_run
   report = json.loads((workdir / 'report.json').read_text())
   assert list(report['stages']) == STAGES
@@ -81,7 +83,9 @@ def test_smoke_pipeline_writes_every_stage_and_rerun_skips(tiny_demo,
   assert os.listdir(workdir / 'tensorboard')
   for name in STAGES:
     assert (workdir / name / 'done.json').exists()
-  again = _main(workdir, tiny_demo)
+  rerun = tmp_path / 'rerun'   # a copy: the shared reference stays as is
+  shutil.copytree(workdir, rerun)
+  again = _main(rerun, tiny_demo)
   assert again.stderr.count('finished earlier, skipped') == len(STAGES)
 
 
@@ -93,7 +97,8 @@ def test_sigterm_then_rerun_equals_uninterrupted(tiny_demo, reference_run,
   # the signal lands while step 2 runs: that step finishes and is saved
   # (step 2 is also a periodic checkpoint step: saved once, not twice)
   first = _main(tmp_path, tiny_demo, '--config.testing.sigterm_stage=spcl',
-                '--config.testing.sigterm_at_step=1')
+                '--config.testing.sigterm_at_step=1', check=False)
+  assert first.returncode == 75, first.stderr[-4000:]  # preempted: rerun
   assert 'preempted at step 2' in first.stderr
   assert not (tmp_path / 'spcl' / 'done.json').exists()
   assert sorted(os.listdir(tmp_path / 'spcl' / 'checkpoints'))[-1] == '2'

@@ -95,14 +95,21 @@ def load_pretrained(directory: str, name: str, num_classes: int,
                      f'{name} needs {spec.arch}; convert them with '
                      f'`python -m data_prep.port_torchvision --arch '
                      f'{spec.arch} --src FILE.pth --dst DIR`')
-  variables = init_variables(create_model(name, num_classes, **kw), rng)
-  fresh = flax.traverse_util.flatten_dict(variables)
-  for path, value in flax.traverse_util.flatten_dict(ported).items():
-    target = (path[0], 'backbone', *path[1:])
-    if target not in fresh or fresh[target].shape != value.shape:
+  model = create_model(name, num_classes, **kw)
+  shapes = flax.traverse_util.flatten_dict(jax.eval_shape(
+      lambda: init_variables(model, rng)))  # checked before the real init
+  ported = {(path[0], 'backbone', *path[1:]): value for path, value in
+            flax.traverse_util.flatten_dict(ported).items()}
+  for target, value in ported.items():
+    if target not in shapes or shapes[target].shape != value.shape:
+      path = (target[0], *target[2:])
       raise ValueError(f'{directory}: ported leaf {"/".join(path)} of shape '
-                       f'{value.shape} does not fit {name} (base_width must '
-                       'be the default 64 to take ImageNet weights)')
+                       f'{value.shape} does not fit {name} at base_width '
+                       f'{kw.get("base_width", 64)}; the weights were made '
+                       f'at base_width {metadata.get("base_width", 64)} '
+                       '(ImageNet weights: 64)')
+  fresh = flax.traverse_util.flatten_dict(init_variables(model, rng))
+  for target, value in ported.items():
     fresh[target] = jnp.asarray(value, jnp.float32)
   return with_batch_stats(flax.traverse_util.unflatten_dict(fresh))
 

@@ -85,9 +85,10 @@ def check_arch(arch: str) -> Backbone:
   return BACKBONES[arch]
 
 
-def backbone_shapes(arch: str):
-  """Abstract {"params", "batch_stats"} of the backbone of `arch`."""
-  module = check_arch(arch).make()
+def backbone_shapes(arch: str, base_width: int = 64):
+  """Abstract {"params", "batch_stats"} of the backbone of `arch` (ImageNet
+  weights have the default `base_width`; the demo's pretrained ones not)."""
+  module = check_arch(arch).make(base_width=base_width)
   return jax.eval_shape(module.init, jax.random.key(0),
                         jnp.zeros((1, 64, 64, 3), jnp.float32))
 
@@ -99,11 +100,11 @@ def _torch_shape(leaf: str, shape: tuple) -> tuple:
   return tuple(shape)
 
 
-def _ported_leaves(arch: str):
+def _ported_leaves(arch: str, base_width: int = 64):
   """{flat path: abstract leaf} of the backbone leaves that come from torch."""
   fresh = check_arch(arch).fresh_modules
   flat = flax.traverse_util.flatten_dict(
-      flax.core.unfreeze(backbone_shapes(arch)))
+      flax.core.unfreeze(backbone_shapes(arch, base_width)))
   return {path: leaf for path, leaf in flat.items() if path[-2] not in fresh}
 
 
@@ -165,8 +166,8 @@ def restore_ported(directory: str):
         '--dst DIR`')
   with open(meta_path) as f:
     metadata = json.load(f)
-  abstract = flax.traverse_util.unflatten_dict(
-      _ported_leaves(check_arch_of(metadata, meta_path)))
+  abstract = flax.traverse_util.unflatten_dict(_ported_leaves(
+      check_arch_of(metadata, meta_path), metadata.get('base_width', 64)))
   restored = ocp.StandardCheckpointer().restore(
       os.path.join(directory, WEIGHTS_DIR), abstract)
   return metadata, restored

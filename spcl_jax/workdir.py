@@ -1,0 +1,149 @@
+"""Workdir hygiene: atomic JSON writes, the temporary names our writers use,
+their removal after a crash, and the deterministic crash hook of the tests.
+
+Every write of the pipeline goes through a temporary name and a rename, so
+a `kill -9` leaves at most a temporary file or folder behind, never a
+half-written output under its final name. `remove_litter` deletes those
+temporaries on the next run; it matches only the names listed in
+`LITTER_PATTERNS` (never a user's file), and only where our writers put
+them (the workdir, its stage folders and their `labels`).
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import tempfile
+
+from absl import logging
+
+# Temporary names of our own writers (matched against a file or folder's
+# base name), by where the writers put them:
+# write_json: tempfile.mkstemp(prefix='.<file name>.tmp-') (before: prefix
+# '.tmp-'); mkstemp's suffix is 8 of [a-z0-9_]. The JSON files of the
+# workdir: config, report, done, eval_history.
+_JSON_TMP = re.compile(r'\.(?:(?:config|report|done|eval_history)\.json\.)?'
+                       r'tmp-[a-z0-9_]{8}')
+# checkpoint.save_tree: '.<output>.writing' / '.<output>.replaced', and
+# orbax's temporary folder of a tree being written ('<path>.orbax-checkpoint-
+# tmp[-<timestamp>]').
+_TREE_TMP = re.compile(r'\.(?:model|prototypes)\.(?:writing|replaced)'
+                       r'|\.?(?:model|prototypes)(?:\.writing)?'
+                       r'\.orbax-checkpoint-tmp(?:-\d+)?')
+# PseudoLabelWriter: tempfile.mkdtemp(prefix='.<shard stem>.tmp-').
+_SHARD_TMP = re.compile(r'\.pseudo_labels-\d{5}-of-\d{5}\.tmp-[a-z0-9_]{8}')
+# folder (relative to the workdir; '<stage>' = each stage's) -> patterns
+LITTER_PATTERNS = {
+    '': (_JSON_TMP,),
+    '<stage>': (_JSON_TMP, _TREE_TMP),
+    '<stage>/labels': (_SHARD_TMP,),
+}
+
+# TFDS builds into '<parent>/incomplete.<6 of [A-Z0-9]>_<version>' and
+# renames it to '<parent>/<version>' when complete.
+TFDS_INCOMPLETE = re.compile(r'incomplete\.[A-Z0-9]{6}_(?P<version>[\w.]+)')
+
+
+def write_json(path: str, data, sort_keys: bool = True) -> None:
+  """Atomic JSON write: a temporary file `.<name>.tmp-*` in the same
+  directory, then a rename (removed if the write fails; left by a kill,
+  and then removed by `remove_litter`)."""
+  directory, name = os.path.split(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f'.{name}.tmp-', dir=directory)
+  try:
+    with os.fdopen(fd, 'w') as f:
+      json.dump(data, f, indent=2, sort_keys=sort_keys, default=float)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _litter_folders(workdir: str, stage_names):
+  """(folder, patterns) of every place our writers use temporary names."""
+  for where, patterns in LITTER_PATTERNS.items():
+    if '<stage>' in where:
+      for name in stage_names:
+        yield os.path.join(workdir, where.replace('<stage>', name)), patterns
+    else:
+      yield os.path.join(workdir, where), patterns
+
+
+def _remove(path: str) -> None:
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path)
+  else:
+    os.remove(path)
+
+
+def litter_paths(workdir: str, stage_names) -> list[str]:
+  """Our temporary files and folders in `workdir` and its stage folders,
+  sorted."""
+  found = []
+  for folder, patterns in _litter_folders(workdir, stage_names):
+    if os.path.isdir(folder):
+      found += [os.path.join(folder, entry) for entry in os.listdir(folder)
+                if any(p.fullmatch(entry) for p in patterns)]
+  return sorted(os.path.normpath(p) for p in found)
+
+
+def remove_litter(workdir: str, stage_names) -> list[str]:
+  """Deletes what an interrupted run left under temporary names; returns
+  the paths deleted. Call it before anything is written."""
+  removed = litter_paths(workdir, stage_names)
+  for path in removed:
+    logging.info('removing %s (left by an interrupted run)', path)
+    _remove(path)
+  return removed
+
+
+def incomplete_tfds_builds(parent: str) -> list[str]:
+  """TFDS `incomplete.*_<version>` folders in `parent` (a dataset's or a
+  dataset config's folder) whose version is built: an interrupted build
+  whose redo has finished. Those of a version not built yet are kept (a
+  build may be running)."""
+  if not os.path.isdir(parent):
+    return []
+  found = []
+  for entry in sorted(os.listdir(parent)):
+    match = TFDS_INCOMPLETE.fullmatch(entry)
+    if match and os.path.exists(os.path.join(
+        parent, match['version'], 'dataset_info.json')):
+      found.append(os.path.join(parent, entry))
+  return found
+
+
+def remove_incomplete_tfds_builds(parent: str) -> list[str]:
+  """Deletes `incomplete_tfds_builds(parent)`; a folder that cannot be
+  deleted (a read-only data directory) is reported, not fatal."""
+  removed = []
+  for path in incomplete_tfds_builds(parent):
+    try:
+      shutil.rmtree(path)
+    except OSError as e:
+      logging.warning('cannot remove the interrupted TFDS build %s: %s',
+                      path, e)
+      continue
+    logging.info('removed the interrupted TFDS build %s', path)
+    removed.append(path)
+  return removed
+
+
+def crash_after_write(config, write: str, wait=None) -> None:
+  """Test hook: SIGKILLs this process if `config.testing.crash_after_write`
+  names `write` (after `wait()`, which finishes an asynchronous write)."""
+  if config.testing.crash_after_write != write:
+    return
+  if wait is not None:
+    wait()
+  logging.warning('testing.crash_after_write=%r: killing this process', write)
+  logging.flush()
+  os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,337 @@
+"""Crash-proof runs (issue 10): every interruption point resumes to the
+uninterrupted result. Unit tests of the checkpoint layer and the workdir
+hygiene (fast), and `configs/demo.py:smoke` runs stopped at chosen writes by
+the deterministic hooks `testing.sigterm_*` / `testing.crash_after_write`
+(slow: one reference run shared by the crash chains)."""
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+from flax import struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spcl_jax import checkpoint
+from spcl_jax import sharding as sharding_lib
+from spcl_jax import workdir as workdir_lib
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+KILLED = -9   # subprocess returncode of a SIGKILLed child
+
+
+# ------------------------------------------------------------------ units --
+
+@struct.dataclass
+class _State:
+  """A train-state-like pytree (a dataclass, as train.TrainState)."""
+  w: jax.Array
+  b: jax.Array
+
+
+def _tree(value):
+  return _State(w=jnp.full((3, 2), value, jnp.float32),
+                b=jnp.arange(4, dtype=jnp.int32) + int(value))
+
+
+def _abstract(tree):
+  return checkpoint.abstract_like(tree, sharding_lib.make_mesh())
+
+
+def test_save_tree_replaces_an_earlier_write_and_a_crashed_one(tmp_path):
+  """Defect 2: a stage's output written before a crash (done.json missing)
+  is written again by the rerun instead of failing 'Destination ... already
+  exists'."""
+  target = tmp_path / 'model'
+  checkpoint.save_tree(str(target), _tree(1.0))
+  checkpoint.save_tree(str(target), _tree(2.0))   # the rerun's write
+  np.testing.assert_array_equal(
+      checkpoint.load_tree(str(target), _abstract(_tree(0.0))).w, 2.0)
+  # a crash in the middle of the write / of the swap left these behind
+  (tmp_path / '.model.writing').mkdir()
+  (tmp_path / '.model.writing' / 'junk').write_text('x')
+  (tmp_path / '.model.replaced').mkdir()
+  checkpoint.save_tree(str(target), _tree(3.0))
+  np.testing.assert_array_equal(
+      checkpoint.load_tree(str(target), _abstract(_tree(0.0))).w, 3.0)
+  assert sorted(os.listdir(tmp_path)) == ['model']
+
+
+def test_best_step_written_before_a_crash_is_evaluated_again(tmp_path):
+  """Defect 3: best/4 written, the process killed before checkpoints/4; the
+  rerun resumes from step 2 and offers step 4 again."""
+  best = checkpoint.BestCheckpoint(str(tmp_path / 'best'))
+  best.offer(4, _tree(1.0), miou=10.0)
+  best.close()
+  rerun = checkpoint.BestCheckpoint(str(tmp_path / 'best'))
+  assert rerun.discard_after(2) == [4]
+  rerun.offer(4, _tree(2.0), miou=11.0)
+  rerun.offer(4, _tree(3.0), miou=12.0)   # offered twice: replaced
+  assert rerun.manager.all_steps() == [4]
+  assert rerun.manager.best_step() == 4
+  rerun.close()
+  restored = checkpoint.load_tree(str(tmp_path / 'best' / '4' / 'state'),
+                                  _abstract(_tree(0.0)))
+  np.testing.assert_array_equal(restored.w, 3.0)
+
+
+def _truncate_largest_file(step_dir):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, 'r+b') as f:
+    f.truncate(os.path.getsize(largest) // 2)
+  return largest
+
+
+def _delete_metadata(step_dir):
+  path = os.path.join(step_dir, 'state', '_METADATA')
+  os.remove(path)
+  return path
+
+
+@pytest.mark.parametrize('corrupt', [_truncate_largest_file,
+                                     _delete_metadata])
+def test_unreadable_newest_checkpoint_falls_back_with_a_warning(
+    tmp_path, caplog, corrupt):
+  """Defect 6: the newest checkpoint unreadable -> the newest readable one,
+  a warning naming the bad step and its path, the bad one moved aside (so
+  the resumed run can save that step again)."""
+  directory = tmp_path / 'checkpoints'
+  saver = checkpoint.StageCheckpoints(str(directory), keep=3)
+  for step in (2, 4, 6):
+    saver.save(step, _tree(float(step)), {})
+  saver.wait()
+  saver.close()
+  corrupt(str(directory / '6'))
+  corrupt(str(directory / '4'))
+  aside = tmp_path / 'unreadable_checkpoints'
+  rerun = checkpoint.StageCheckpoints(str(directory), keep=3)
+  with caplog.at_level(logging.WARNING):
+    step, state = rerun.restore_newest_readable(_abstract(_tree(0.0)), {},
+                                                str(aside))
+  assert step == 2
+  np.testing.assert_array_equal(state.w, 2.0)
+  warnings = [r.getMessage() for r in caplog.records
+              if r.levelno == logging.WARNING]
+  for bad in (6, 4):
+    assert any(f'checkpoint of step {bad} at {directory / str(bad)} is '
+               'unreadable' in w and 'resuming from step 2' in w
+               for w in warnings), warnings
+  assert sorted(os.listdir(aside)) == ['4', '6']
+  assert rerun.latest_step() == 2
+  rerun.save(4, _tree(4.5), {})   # the resumed run writes step 4 again
+  rerun.wait()
+  assert rerun.manager.all_steps() == [2, 4]
+  rerun.close()
+
+
+def test_no_readable_checkpoint_is_an_error_naming_each(tmp_path):
+  directory = tmp_path / 'checkpoints'
+  saver = checkpoint.StageCheckpoints(str(directory), keep=3)
+  for step in (2, 4):
+    saver.save(step, _tree(float(step)), {})
+  saver.wait()
+  saver.close()
+  _delete_metadata(str(directory / '2'))
+  _truncate_largest_file(str(directory / '4'))
+  rerun = checkpoint.StageCheckpoints(str(directory), keep=3)
+  with pytest.raises(checkpoint.UnreadableCheckpointError) as error:
+    rerun.restore_newest_readable(_abstract(_tree(0.0)), {},
+                                  str(tmp_path / 'aside'))
+  message = str(error.value)
+  assert f'no checkpoint in {directory} can be read' in message
+  assert f'step 4 at {directory / "4"}:' in message
+  assert f'step 2 at {directory / "2"}:' in message
+  assert sorted(os.listdir(directory)) == ['2', '4']   # nothing moved
+  rerun.close()
+
+
+def _plant_litter(workdir):
+  """Names our writers use while writing, and user files that look alike."""
+  ours = ['.tmp-a1b2c3d_', '.report.json.tmp-x9y8z7w6',
+          'spcl/.done.json.tmp-qwertyui', 'spcl/.model.writing',
+          'spcl/.prototypes.replaced',
+          'spcl/model.orbax-checkpoint-tmp-1732900000123456',
+          'pseudo_labels/labels/.pseudo_labels-00000-of-00001.tmp-ab_12cd3']
+  users = ['notes.tmp-a1b2c3d4', '.tmp-short', 'spcl/my.model.writing',
+           'pseudo_labels/labels/pseudo_labels-00000-of-00001.tmp-keep',
+           'pseudo_labels/.pseudo_labels-00000-of-00001.tmp-abcdefgh']
+  for name in ours + users:
+    path = workdir / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if name.endswith(('.writing', '.replaced')) or 'orbax' in name or (
+        'pseudo_labels-' in name):
+      path.mkdir()
+      (path / 'records').write_text('partial')
+    else:
+      path.write_text('partial')
+  return ours, users
+
+
+def test_remove_litter_removes_only_our_temporary_names(tmp_path):
+  """Defect 9 (workdir): temporaries of a killed run are removed, files of
+  the user that merely look alike are kept."""
+  ours, users = _plant_litter(tmp_path)
+  stages = ['spcl', 'pseudo_labels']
+  assert workdir_lib.litter_paths(str(tmp_path), stages) == sorted(
+      str(tmp_path / n) for n in ours)
+  workdir_lib.remove_litter(str(tmp_path), stages)
+  for name in ours:
+    assert not (tmp_path / name).exists(), name
+  for name in users:
+    assert (tmp_path / name).exists(), name
+
+
+def test_incomplete_tfds_builds_removed_only_once_their_version_is_built(
+    tmp_path):
+  """Defect 9 (data): TFDS's `incomplete.*` folder of a killed build."""
+  (tmp_path / '2.0.0').mkdir()
+  (tmp_path / '2.0.0' / 'dataset_info.json').write_text('{}')
+  for name in ('incomplete.AB12CD_2.0.0', 'incomplete.ZZ99ZZ_3.0.0',
+               'incomplete_notes', 'incomplete.ab12cd_2.0.0'):
+    (tmp_path / name).mkdir()
+  assert workdir_lib.remove_incomplete_tfds_builds(str(tmp_path)) == [
+      str(tmp_path / 'incomplete.AB12CD_2.0.0')]
+  assert sorted(os.listdir(tmp_path)) == [
+      '2.0.0', 'incomplete.ZZ99ZZ_3.0.0',   # a build of 3.0.0 may be running
+      'incomplete.ab12cd_2.0.0', 'incomplete_notes']
+
+
+# ---------------------------------------------------- end-to-end crashes --
+
+def _main(workdir, data_dir, *flags, config='configs/demo.py:smoke'):
+  return subprocess.run(
+      [sys.executable, '-m', 'spcl_jax.main', f'--config={config}',
+       f'--workdir={workdir}', f'--config.data.data_dir={data_dir}', *flags],
+      cwd=ROOT, capture_output=True, text=True, check=False,
+      env={**os.environ, 'XLA_FLAGS': ''})
+
+
+def _expect(result, status, *texts):
+  assert result.returncode == status, (
+      f'exit {result.returncode}, expected {status}\n{result.stderr[-6000:]}')
+  for text in texts:
+    assert text in result.stderr, (text, result.stderr[-6000:])
+  for stuck in ('already exists', 'Traceback'):
+    assert stuck not in result.stderr, result.stderr[-6000:]
+
+
+def _copy(reference, workdir, stages):
+  for name in stages:
+    shutil.copytree(reference / name, workdir / name)
+  shutil.copy(reference / 'config.json', workdir / 'config.json')
+
+
+def _flat_tree(path):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  leaves = jax.tree_util.tree_leaves_with_path(
+      ocp.StandardCheckpointer().restore(os.path.abspath(path)))
+  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
+
+
+def _assert_same_outputs(workdir, reference, stage, parts):
+  ours = json.loads((workdir / 'report.json').read_text())['stages'][stage]
+  theirs = json.loads((reference / 'report.json').read_text())['stages'][
+      stage]
+  assert ours['steps'] == theirs['steps']
+  assert ours['best_step'] == theirs['best_step']
+  assert [h['step'] for h in ours['eval_history']] == [
+      h['step'] for h in theirs['eval_history']]
+  assert ours['miou'] == pytest.approx(theirs['miou'], abs=1e-4)
+  for part in parts:
+    _assert_trees_close(workdir / stage / part, reference / stage / part)
+
+
+def _assert_trees_close(path, reference_path):
+  ours, theirs = _flat_tree(path), _flat_tree(reference_path)
+  assert ours.keys() == theirs.keys()
+  for key in ours:
+    np.testing.assert_allclose(ours[key], theirs[key], rtol=0, atol=1e-6,
+                               err_msg=f'{path}{key}')
+
+
+@pytest.fixture
+def reference(smoke_reference):
+  workdir, result = smoke_reference
+  _expect(result, 0)
+  return workdir
+
+
+@pytest.mark.slow
+def test_preemption_at_the_last_step_and_crashes_at_the_stage_end(
+    tiny_demo, reference, tmp_path):
+  """Defects 1, 2, 8: SIGTERM at spcl's last step exits 75; reruns killed
+  after the prototypes stage's `prototypes`, after spcl's `prototypes` (its
+  `model` already written) and after spcl's done.json each resume; the last
+  rerun exits 0 with the uninterrupted outputs and report."""
+  _copy(reference, tmp_path, ['warmup', 'pseudo_labels'])
+  config = 'configs/demo.py:smoke,prototypes,spcl'
+  _expect(_main(tmp_path, tiny_demo,
+                '--config.testing.crash_after_write=prototypes/prototypes',
+                config=config),
+          KILLED)
+  assert not (tmp_path / 'prototypes' / 'done.json').exists()
+  # the signal lands while the last step (4) runs: step 4 is evaluated,
+  # offered to best/ and checkpointed before the run stops
+  _expect(_main(tmp_path, tiny_demo, '--config.testing.sigterm_stage=spcl',
+                '--config.testing.sigterm_at_step=3', config=config),
+          75, 'preempted at step 4', 'rerun the same command to resume')
+  assert sorted(os.listdir(tmp_path / 'spcl' / 'checkpoints'))[-1] == '4'
+  assert not (tmp_path / 'spcl' / 'done.json').exists()
+  _expect(_main(tmp_path, tiny_demo,
+                '--config.testing.crash_after_write=spcl/prototypes',
+                config=config),
+          KILLED, 'spcl: resuming from step 4')
+  assert (tmp_path / 'spcl' / 'model').is_dir()
+  _expect(_main(tmp_path, tiny_demo,
+                '--config.testing.crash_after_write=spcl/done.json',
+                config=config),
+          KILLED, 'spcl: resuming from step 4')
+  _expect(_main(tmp_path, tiny_demo, config=config), 0,
+          'spcl: finished earlier, skipped')
+  _assert_trees_close(tmp_path / 'prototypes' / 'prototypes',
+                      reference / 'prototypes' / 'prototypes')
+  _assert_same_outputs(tmp_path, reference, 'spcl', ('model', 'prototypes'))
+  assert workdir_lib.litter_paths(str(tmp_path), ['prototypes', 'spcl']) == []
+
+
+@pytest.mark.slow
+def test_crash_after_best_then_corrupt_newest_checkpoint(tiny_demo, reference,
+                                                         tmp_path):
+  """Defects 3, 6, 9: killed after best/4 (before checkpoints/4), then after
+  checkpoints/4; checkpoints/4 truncated and temporaries planted: the last
+  rerun falls back to step 2 with a warning naming step 4, writes best/4
+  and checkpoints/4 again, removes the temporaries (not the user's files)
+  and ends with the uninterrupted outputs."""
+  _copy(reference, tmp_path, ['warmup', 'prototypes', 'pseudo_labels'])
+  config = 'configs/demo.py:smoke,spcl'
+  _expect(_main(tmp_path, tiny_demo,
+                '--config.testing.crash_after_write=spcl/best/4',
+                config=config), KILLED)
+  assert os.listdir(tmp_path / 'spcl' / 'best') == ['4']
+  assert os.listdir(tmp_path / 'spcl' / 'checkpoints') == ['2']
+  _expect(_main(tmp_path, tiny_demo,
+                '--config.testing.crash_after_write=spcl/checkpoints/4',
+                config=config),
+          KILLED, 'spcl: resuming from step 2')
+  bad = tmp_path / 'spcl' / 'checkpoints' / '4'
+  _truncate_largest_file(str(bad))
+  ours, users = _plant_litter(tmp_path)
+  incomplete = os.path.join(tiny_demo, 'sim2real_demo', 'tiny',
+                            'incomplete.QW12ER_2.0.0')
+  os.makedirs(incomplete)
+  _expect(_main(tmp_path, tiny_demo, config=config), 0,
+          f'checkpoint of step 4 at {bad} is unreadable',
+          'spcl: resuming from step 2')
+  assert os.listdir(tmp_path / 'spcl' / 'unreadable_checkpoints') == ['4']
+  _assert_same_outputs(tmp_path, reference, 'spcl', ('model', 'prototypes'))
+  for name in ours:
+    assert not (tmp_path / name).exists(), name
+  for name in users:
+    assert (tmp_path / name).exists(), name
+  assert not os.path.exists(incomplete)

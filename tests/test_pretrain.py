@@ -1,0 +1,91 @@
+"""The demo's pretraining: what it writes is what a stage starts from."""
+
+import os
+
+import flax
+import jax
+import numpy as np
+import pytest
+
+from configs import demo
+from configs import demo_pretrain
+from spcl_jax import models
+from spcl_jax import pretrain
+from spcl_jax import train
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory):
+  config = demo_pretrain.get_config('smoke')
+  backbone, summary = pretrain.pretrain(config)
+  output = str(tmp_path_factory.mktemp('pretrained') / 'weights')
+  pretrain.write_backbone(output, config, backbone, summary)
+  return config, backbone, summary, output
+
+
+def test_pretrained_backbone_is_what_the_segmenter_starts_from(pretrained):
+  config, backbone, summary, output = pretrained
+  variables = models.load_pretrained(output, config.model.name, 19,
+                                     jax.random.key(1),
+                                     base_width=config.model.base_width)
+  for collection in ('params', 'batch_stats'):
+    saved = flax.traverse_util.flatten_dict(backbone[collection])
+    loaded = flax.traverse_util.flatten_dict(
+        variables[collection]['backbone'])
+    assert saved.keys() == loaded.keys()
+    for path, value in saved.items():
+      np.testing.assert_array_equal(np.asarray(loaded[path]), value)
+  assert 'classifier' in variables['params']  # the ASPP head stays fresh
+  assert summary['categories'][0] == 'boxy_car'
+  assert [h['step'] for h in summary['history']] == [2, 4]
+
+
+def test_trained_backbone_differs_from_its_initialisation(pretrained):
+  config, backbone, _, _ = pretrained
+  fresh = pretrain.Classifier(pretrain.backbone_of(config, True), 16).init(
+      jax.random.key(config.seed), np.zeros((1, 32, 32, 3), np.float32))
+  assert not np.allclose(backbone['params']['conv1']['kernel'],
+                         fresh['params']['backbone']['conv1']['kernel'])
+
+
+def test_other_width_is_refused_naming_both(pretrained):
+  config, _, _, output = pretrained
+  with pytest.raises(ValueError, match='base_width 32.*base_width 16'):
+    models.load_pretrained(output, config.model.name, 19, jax.random.key(1),
+                           base_width=32)
+
+
+def test_augment_keeps_shape_and_content_under_no_padding():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, (4, 8, 8, 3), dtype=np.uint8)
+  same = pretrain.augment(images, rng, pad=0, flip=False)
+  np.testing.assert_array_equal(same, images)
+  flipped = pretrain.augment(images, np.random.default_rng(1), pad=2,
+                             flip=True)
+  assert flipped.shape == images.shape
+
+
+def test_unknown_variant_is_named():
+  with pytest.raises(ValueError, match='smok'):
+    demo_pretrain.get_config('smok')
+
+
+def test_existing_weights_are_reused_only_for_the_same_recipe(pretrained):
+  config, _, _, output = pretrained
+  before = os.stat(os.path.join(output, 'metadata.json')).st_mtime_ns
+  assert pretrain.ensure_pretrained(output, config) == output
+  assert os.stat(os.path.join(output, 'metadata.json')).st_mtime_ns == before
+  other = demo_pretrain.get_config('smoke')
+  other.steps = 5
+  with pytest.raises(ValueError, match='fields steps differ'):
+    pretrain.ensure_pretrained(output, other)
+
+
+def test_pretrained_variant_refuses_a_backbone_of_another_width(tmp_path):
+  config = demo.get_config('pretrained')
+  config.model.pretrained_dir = str(tmp_path / 'weights')
+  config.model.base_width = 32
+  with pytest.raises(ValueError, match='base width 16 but model is '
+                     'deeplabv2_resnet18 at base width 32'):
+    train.initial_variables(config, jax.random.key(0))
+  assert not os.path.exists(tmp_path / 'weights')
