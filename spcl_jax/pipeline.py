@@ -228,11 +228,7 @@ def check_workdir_config(config, workdir: str,
           + '\n'.join(lines) + '\nUse a new --workdir, or pass '
           '--allow_config_change to resume with the new values.')
   if jax.process_index() == 0:
-    write_json(path, current)
-
-
-write_json = workdir_lib.write_json  # atomic: temporary name, then rename
-read_json = workdir_lib.read_json
+    workdir_lib.write_json(path, current)
 
 
 # ------------------------------------------------------------- the context --
@@ -399,7 +395,7 @@ def model_directory(ctx, stage_name: str) -> str:
   the validation split, DIR/<stage>/best/<best_step>/state ('best')."""
   if ctx.config.chain_model == 'final':
     return ctx.stage_dir(stage_name, 'model')
-  step = read_json(ctx.done_path(stage_name))['best_step']
+  step = workdir_lib.read_json(ctx.done_path(stage_name))['best_step']
   return ctx.stage_dir(stage_name, 'best', str(step), 'state')
 
 
@@ -431,7 +427,7 @@ def _make_step(ctx, stage, model, tx, state_parts):
   if stage.step == 'spcl':
     thresholds = None
     if cfg.target_mask == 'online':
-      thresholds = jnp.asarray(read_json(ctx.done_path(
+      thresholds = jnp.asarray(workdir_lib.read_json(ctx.done_path(
           stage.pseudo_labels_from))['class_thresholds'], jnp.float32)
     return train.make_spcl_step(model, tx, cfg, thresholds)
   return train.make_self_training_step(model, tx, cfg)
@@ -519,7 +515,7 @@ def run_train_stage(ctx, stage: Stage) -> dict:
   accumulated, window_start, window_steps = None, time.time(), 0
   step = int(jax.device_get(state.step))
   history_path = ctx.stage_dir(stage.name, 'eval_history.json')
-  history = [h for h in (read_json(history_path) if os.path.exists(
+  history = [h for h in (workdir_lib.read_json(history_path) if os.path.exists(
       history_path) else []) if h['step'] <= step]
   invalid_pixels, result, last_saved = 0, None, latest
   while step < cfg.steps:
@@ -550,7 +546,7 @@ def run_train_stage(ctx, stage: Stage) -> dict:
       result = evaluate(ctx, eval_model, state.variables(), eval_step)
       history.append({'step': step, 'miou': result['miou']})
       if jax.process_index() == 0:
-        write_json(history_path, history)
+        workdir_lib.write_json(history_path, history)
       _crash_after(ctx, f'{stage.name}/eval_history.json')
       ctx.writer.write_scalars(step, {f'{stage.name}/eval_miou':
                                       result['miou']})
@@ -609,7 +605,7 @@ def run_prototypes_stage(ctx, stage: Stage) -> dict:
   _crash_after(ctx, f'{stage.name}/prototypes')
   images = np.asarray(sums.num_images)
   return {'model_from': stage.model_from,
-          **read_json(ctx.done_path(stage.model_from)),
+          **workdir_lib.read_json(ctx.done_path(stage.model_from)),
           'classes_with_prototype': int((images > 0).sum()),
           'images_per_class': dict(zip(
               label_table.class_names(data.label_space),
@@ -702,7 +698,7 @@ def run_pseudo_labels_stage(ctx, stage: Stage) -> dict:
     truth_pixels = multihost_utils.process_allgather(truth_pixels).reshape(
         -1, model.num_classes).sum(0)
   result = {'model_from': stage.model_from,
-            **read_json(ctx.done_path(stage.model_from)),
+            **workdir_lib.read_json(ctx.done_path(stage.model_from)),
             'labels_from': cfg.labels_from,
             'class_thresholds': [float(t) for t in thresholds],
             'pseudo_label_coverage': float(counts[0] / max(counts[1], 1)),
@@ -761,7 +757,8 @@ def update_report(ctx, stage_name: str, result: dict,
   if jax.process_index() != 0:
     return
   path = os.path.join(ctx.workdir, 'report.json')
-  report = read_json(path) if os.path.exists(path) else {'stages': {}}
+  report = (workdir_lib.read_json(path) if os.path.exists(path)
+            else {'stages': {}})
   if only_if_missing and stage_name in report['stages']:
     return
   report['stages'][stage_name] = result
@@ -769,7 +766,7 @@ def update_report(ctx, stage_name: str, result: dict,
   report['stages'] = dict(sorted(report['stages'].items(),
                                  key=lambda item: order.index(item[0])))
   report['config'] = config_to_json(ctx.config)
-  write_json(path, report, sort_keys=False)
+  workdir_lib.write_json(path, report, sort_keys=False)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
@@ -801,7 +798,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         continue
       if ctx.is_done(stage.name):
         logging.info('%s: finished earlier, skipped', stage.name)
-        results[stage.name] = read_json(ctx.done_path(stage.name))
+        results[stage.name] = workdir_lib.read_json(ctx.done_path(stage.name))
         update_report(ctx, stage.name, results[stage.name],
                       only_if_missing=True)
         continue
@@ -812,7 +809,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       result = RUNNERS[stage.kind](ctx, stage)
       _sync(f'{stage.name}-finished')
       if jax.process_index() == 0:
-        write_json(ctx.done_path(stage.name), result)
+        workdir_lib.write_json(ctx.done_path(stage.name), result)
       _crash_after(ctx, f'{stage.name}/done.json')
       update_report(ctx, stage.name, result)
       _crash_after(ctx, f'report.json:{stage.name}')

@@ -28,6 +28,7 @@ from ml_collections import config_flags
 
 from data_prep import pretrain_render
 from spcl_jax import models
+from spcl_jax import workdir as workdir_lib
 from spcl_jax.models import porting
 
 # seeds of the pretraining images: namespaced apart from every demo split
@@ -46,9 +47,10 @@ class Classifier(nn.Module):
 
 
 def backbone_of(config, bn_trainable: bool) -> nn.Module:
-  spec = models.check_name(config.model.name)
-  return porting.BACKBONES[spec.arch].make(
-      base_width=config.model.base_width, bn_trainable=bn_trainable)
+  """The backbone of the segmenter `config.model` names (the registry's)."""
+  return models.create_model(
+      config.model.name, len(pretrain_render.CATEGORIES),
+      base_width=config.model.base_width, bn_trainable=bn_trainable).backbone
 
 
 def render_images(seed: int, split: str, count: int, size: int):
@@ -181,8 +183,7 @@ def ensure_pretrained(directory: str, config) -> str:
   directory = os.path.expanduser(directory)
   metadata_path = os.path.join(directory, porting.METADATA_FILE)
   if os.path.exists(metadata_path):
-    with open(metadata_path) as f:
-      made_with = json.load(f).get('config')
+    made_with = workdir_lib.read_json(metadata_path).get('config')
     wanted = json.loads(config.to_json())
     if made_with is not None and made_with != wanted:
       changed = sorted(k for k in set(made_with) | set(wanted)

@@ -366,7 +366,6 @@ def model_for_stage(config, bn_trainable: bool):
 def initial_variables(config, rng):
   """ImageNet-initialised (ported weights), pretrained (the demo's stand-in,
   made on first use with `model.pretrain_if_missing`) or fresh variables."""
-  model = model_for_stage(config, False)
   if config.model.pretrained_dir:
     directory = config.model.pretrained_dir
     if config.model.pretrain_if_missing:
@@ -384,7 +383,7 @@ def initial_variables(config, rng):
     return models.load_pretrained(directory,
                                   config.model.name, config.model.num_classes,
                                   rng, **model_kwargs(config))
-  return models.init_variables(model, rng)
+  return models.init_variables(model_for_stage(config, False), rng)
 
 
 def discriminator_for(config):

@@ -139,7 +139,7 @@ def port_state_dict(arch: str, state_dict: Mapping[str, np.ndarray]):
 def save_ported(dst: str, arch: str, variables, metadata: dict) -> None:
   """Writes DIR/{metadata.json, weights/} atomically: everything goes to a
   temporary sibling directory first, renamed onto `dst` only when complete."""
-  dst = os.path.abspath(dst)
+  dst = os.path.abspath(os.path.expanduser(dst))
   parent = os.path.dirname(dst)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(dst)}.tmp-', dir=parent)
@@ -157,7 +157,7 @@ def save_ported(dst: str, arch: str, variables, metadata: dict) -> None:
 
 def restore_ported(directory: str):
   """(metadata, {"params", "batch_stats"}) of a directory made by the porter."""
-  directory = os.path.abspath(directory)
+  directory = os.path.abspath(os.path.expanduser(directory))
   meta_path = os.path.join(directory, METADATA_FILE)
   if not os.path.isfile(meta_path):
     raise FileNotFoundError(
