@@ -21,6 +21,8 @@ trains the segmenter for B steps:
   spcl_stage_no_cl     warm-up, then the SPCL stage with λ = 0 (source CE)
   full_spcl            the whole pipeline
   self_training_no_cl  the whole pipeline with λ = 0 (standard self-training)
+  full_spcl_class_balanced  the whole pipeline, self-training reading
+                       class-balanced pseudo labels (each class's top 20 %)
   oracle               cross-entropy on the labelled target split for B steps
   self_training_true_labels  full SPCL whose self-training reads the stored
                        target labels instead of pseudo labels (a diagnostic
@@ -107,6 +109,12 @@ def main_rows() -> list[Row]:
           baseline='self_training_no_cl'),
       Row('self_training_no_cl', 'warm-up + self-training without L_cl',
           ALL_STAGES, {'stages.spcl.contrastive_weight': 0.0}),
+      Row('full_spcl_class_balanced', 'full SPCL, self-training on '
+          'class-balanced pseudo labels (top 20 % of each class; '
+          'configs/default.py class_balanced)', ALL_STAGES,
+          {'stages.pseudo_labels_2.threshold_quantile': 0.8,
+           'stages.pseudo_labels_2.threshold_cap': 1.0},
+          baseline='full_spcl'),
       Row('oracle', 'trained on labelled target data', ('warmup',), {},
           oracle=True),
       Row('self_training_true_labels', 'full SPCL, self-training fed the '

@@ -122,6 +122,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   pseudo_labels = ml_collections.ConfigDict({
       'batch_size': 4,
       'histogram_bins': 1000,
+      # σ_c = min(quantile of class c's confidences, cap). Released: the
+      # median (0.5) capped at 0.9; CBST-style class-balanced selection of
+      # the top 20 %: quantile 0.8, cap 1.0.
+      'threshold_quantile': 0.5,
       'threshold_cap': 0.9,
       # 'model': the model's thresholded predictions (the method).
       # 'stored': the split's own labels, written as if they were pseudo
@@ -237,6 +241,17 @@ def oracle(config) -> None:
   data.source_size = data.target_size
   data.source_color_jitter = ()
   config.stages.warmup.adversarial_weight = 0.0
+
+
+def class_balanced(config) -> None:
+  """Self-training on class-balanced pseudo labels: each class keeps the
+  most confident 20 % of the target pixels predicted as it (threshold: the
+  0.8 quantile of its confidences, no cap), as in CBST's first round (Zou
+  et al., ECCV 2018), instead of the released median capped at 0.9. Only
+  the labels self-training reads (`pseudo_labels_2`) change; the SPCL
+  stage's offline target mask keeps the released rule."""
+  config.stages.pseudo_labels_2.threshold_quantile = 0.8
+  config.stages.pseudo_labels_2.threshold_cap = 1.0
 
 
 def apply_arg(config, arg, variants):

@@ -3,7 +3,9 @@
 Variants: `vgg16` (DeepLab-v2 VGG-16, paper Table 1; the SPEC gives no
 VGG-specific optimiser numbers, so the ResNet recipe's are kept),
 `source_only` (warm-up with adversarial weight 0), `released` (every
-behaviour of the released code, default.RELEASED).
+behaviour of the released code, default.RELEASED), `class_balanced`
+(self-training on the top 20 % of each class's pseudo labels instead of
+the released median rule; default.class_balanced).
 """
 
 from configs import default
@@ -24,4 +26,6 @@ def get_config(arg=None):
   config.evaluation.class_sets = (19,)
   return default.apply_arg(config, arg, {'vgg16': vgg16,
                                          'source_only': source_only,
-                                         'released': default.released})
+                                         'released': default.released,
+                                         'class_balanced':
+                                             default.class_balanced})

@@ -1,7 +1,7 @@
 """Synscapes -> Cityscapes, DeepLab-v2 ResNet-101.
 
 Source images resized to 1024x512 (paper Table 6). Variants: `source_only`,
-`released`.
+`released`, `class_balanced` (as in configs/gta5.py).
 """
 
 from configs import default
@@ -14,4 +14,6 @@ def get_config(arg=None):
   config.data.source_size = (512, 1024)
   config.evaluation.class_sets = (19,)
   return default.apply_arg(config, arg, {'source_only': gta5.source_only,
-                                         'released': default.released})
+                                         'released': default.released,
+                                         'class_balanced':
+                                             default.class_balanced})

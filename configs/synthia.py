@@ -4,7 +4,7 @@ Source images 1280x760 (paper Table 6). The released protocol: a 16-way
 head over SYNTHIA's 16 classes; Cityscapes pixels of terrain, truck and train
 are ignored (neither trained on nor counted); mIoU over the 16 classes, with
 the 13-class subset reported beside it. Variants: `vgg16`, `source_only`,
-`released`.
+`released`, `class_balanced` (as in configs/gta5.py).
 """
 
 from configs import default
@@ -20,4 +20,6 @@ def get_config(arg=None):
   config.evaluation.class_sets = (16, 13)
   return default.apply_arg(config, arg, {'vgg16': gta5.vgg16,
                                          'source_only': gta5.source_only,
-                                         'released': default.released})
+                                         'released': default.released,
+                                         'class_balanced':
+                                             default.class_balanced})

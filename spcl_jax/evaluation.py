@@ -75,6 +75,19 @@ def summarize(confusion, class_set: int = 19,
   }
 
 
+def summarize_sets(confusion, class_sets,
+                   label_space: str = 'cityscapes19') -> dict:
+  """`summarize` over the first of `class_sets`, plus `miou_<n>` and
+  `tail_miou_<n>` of each other set (the report entry of an evaluation)."""
+  class_sets = list(class_sets)
+  result = summarize(confusion, class_sets[0], label_space)
+  for other in class_sets[1:]:
+    extra = summarize(confusion, other, label_space)
+    result[f'miou_{other}'] = extra['miou']
+    result[f'tail_miou_{other}'] = extra['tail_miou']
+  return result
+
+
 def class_distance_sums(features: jax.Array, labels: jax.Array,
                         prototypes: jax.Array):
   """Mergeable sums for the Class Center Distance: per class, the sum of

@@ -30,6 +30,7 @@ import msgpack
 import numpy as np
 from PIL import Image
 
+from spcl_jax import console
 from spcl_jax import labels as label_table
 from spcl_jax import sharding as sharding_lib
 
@@ -521,12 +522,21 @@ def eval_batches(spec: PipelineSpec, source=None,
                  process_count: int | None = None) -> Iterator[dict]:
   """Every record of the split exactly once (this process's share), in
   local batches padded with `valid=False`, label-255 elements; every process
-  yields the same number of batches so that collectives stay in step."""
+  yields the same number of batches so that collectives stay in step. The
+  pass reports its progress (`console.progress`)."""
   source, process_index, process_count = _resolve(
       spec, source, process_index, process_count)
   local = spec.global_batch_size // process_count
   per_process = -(-len(source) // process_count)
   num_batches = -(-per_process // local)
+  return console.progress(
+      _eval_batches(spec, source, process_index, process_count, local,
+                    num_batches), spec.split, num_batches,
+      count=lambda batch: int(np.sum(batch['valid'])))
+
+
+def _eval_batches(spec, source, process_index, process_count, local,
+                  num_batches) -> Iterator[dict]:
   indices = np.array_split(np.arange(len(source)), process_count)[
       process_index]
   ops = transforms_of(dataclasses.replace(

@@ -19,6 +19,22 @@ CLASS_NAMES = tuple(l.name for l in _TRAIN)
 TRAINID_TO_ID = np.array([l.id for l in _TRAIN], np.uint8)
 # [19, 3] uint8 colours of the trainIds.
 PALETTE = np.array([l.color for l in _TRAIN], np.uint8)
+# The Cityscapes label id of the ignore trainId ('unlabeled').
+UNLABELED_ID = next(l.id for l in cs_labels.labels if l.name == 'unlabeled')
+
+
+def trainids_to_label_ids(trainids) -> np.ndarray:
+  """uint8 Cityscapes label ids (what the Cityscapes test server takes) of a
+  trainId map; the ignore trainId 255 becomes 'unlabeled'. Values that are
+  neither a trainId nor 255 are an error."""
+  trainids = np.asarray(trainids)
+  bad = np.setdiff1d(np.unique(trainids), [*range(NUM_CLASSES), IGNORE_LABEL])
+  if bad.size:
+    raise ValueError(f'not trainIds: {bad.tolist()} (expected 0..'
+                     f'{NUM_CLASSES - 1} or {IGNORE_LABEL})')
+  lut = np.full(256, UNLABELED_ID, np.uint8)
+  lut[:NUM_CLASSES] = TRAINID_TO_ID
+  return lut[trainids.astype(np.uint8)]
 
 
 def _id_to_trainid() -> np.ndarray:
@@ -97,6 +113,12 @@ def trainid_lut(name: str) -> np.ndarray:
     lut[train_id] = index
   lut.flags.writeable = False  # shared by every caller (cached)
   return lut
+
+
+def space_to_trainids(name: str) -> np.ndarray:
+  """uint8 [C]: the trainId of each class index of the label space `name`
+  (index a model's argmax with it to get a trainId map)."""
+  return np.array(check_label_space(name), np.uint8)
 
 
 def class_names(name: str) -> tuple:

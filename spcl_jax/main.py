@@ -11,12 +11,20 @@ checkpoint). Several
 processes (TPU pods, multi-node GPU) are detected by `jax.distributed`; a
 local multi-process CPU run passes --coordinator_address, --num_processes
 and --process_id.
+
+The console shows the project's lines, warnings and errors; --verbosity=1
+adds every library's INFO lines. DIR/log.txt gets the full log
+(spcl_jax/console.py).
 """
 
 import os
 import sys
 
-from absl import app
+# First: TensorFlow's native log level must be set before it is imported.
+from spcl_jax import console  # pylint: disable=g-bad-import-order
+console.quiet_native_logs(sys.argv)
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
 from absl import logging
 import jax
@@ -51,10 +59,13 @@ def _initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  console.setup(flags.FLAGS.verbosity)
   # clu's writers import TensorFlow: keep it off the accelerators.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
   _initialize_distributed()
+  console.log_to_file(os.path.join(
+      _WORKDIR.value, console.log_file_name(jax.process_index())))
   logging.info('process %d of %d, %d devices (%s)', jax.process_index(),
                jax.process_count(), jax.device_count(),
                jax.devices()[0].platform)

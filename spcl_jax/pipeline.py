@@ -10,10 +10,12 @@ in checkpointing and in the collective computations.
 Workdir layout:
   DIR/config.json                the config the workdir was started with
   DIR/report.json                {"stages": {...}, "config": {...}}
+  DIR/log.txt                    the full log, appended by every run (main.py)
   DIR/tensorboard/               CLU metric writer (TensorBoard events)
   DIR/<stage>/checkpoints/       train state + data iterators (orbax)
   DIR/<stage>/best/              best-mIoU model of a training stage
   DIR/<stage>/eval_history.json  mIoU of every evaluation of the stage
+  DIR/<stage>/table.{md,csv}     per-class IoU table of a training stage
   DIR/<stage>/model/             final model of a training stage
   DIR/<stage>/prototypes/        prototype bank (prototypes, spcl)
   DIR/<stage>/labels/            pseudo-label shards (pseudo-label stages)
@@ -31,7 +33,6 @@ import hashlib
 import json
 import os
 import signal
-import time
 
 from absl import logging
 from clu import metric_writers
@@ -43,11 +44,13 @@ import ml_collections
 import numpy as np
 
 from spcl_jax import checkpoint
+from spcl_jax import console
 from spcl_jax import evaluation
 from spcl_jax import input_pipeline as ip
 from spcl_jax import labels as label_table
 from spcl_jax import models
 from spcl_jax.models import layers
+from spcl_jax import reporting
 from spcl_jax import sharding as sharding_lib
 from spcl_jax import spcl
 from spcl_jax import train
@@ -155,6 +158,10 @@ def validate(config: ml_collections.ConfigDict,
       problems.append(f"stages.{name}.labels_from: "
                       f"{config.stages[name].labels_from!r}, expected one "
                       f"of {LABEL_SOURCES}")
+    quantile = config.stages[name].threshold_quantile
+    if not 0.0 < quantile < 1.0:
+      problems.append(f'stages.{name}.threshold_quantile = {quantile}, '
+                      'expected a fraction in (0, 1) (0.5: the median)')
   if config.stages.spcl.prototype_update not in ('after_loss', 'before_loss'):
     problems.append(f"stages.spcl.prototype_update: "
                     f"{config.stages.spcl.prototype_update!r}, expected "
@@ -365,14 +372,8 @@ def evaluate(ctx, model, variables, eval_step) -> dict:
 
 
 def summarize_all(ctx, confusion) -> dict:
-  class_sets = list(ctx.config.evaluation.class_sets)
-  space = ctx.config.data.label_space
-  result = evaluation.summarize(confusion, class_sets[0], space)
-  for other in class_sets[1:]:
-    extra = evaluation.summarize(confusion, other, space)
-    result[f'miou_{other}'] = extra['miou']
-    result[f'tail_miou_{other}'] = extra['tail_miou']
-  return result
+  return evaluation.summarize_sets(confusion, ctx.config.evaluation.class_sets,
+                                   ctx.config.data.label_space)
 
 
 # ------------------------------------------------------------------ models --
@@ -511,9 +512,11 @@ def run_train_stage(ctx, stage: Stage) -> dict:
   eval_step = jax.jit(train.make_eval_step(eval_model))
   report_progress = periodic_actions.ReportProgress(
       num_train_steps=cfg.steps, writer=ctx.writer)
-  images_per_step = sum(s.global_batch_size for s in specs.values())
-  accumulated, window_start, window_steps = None, time.time(), 0
   step = int(jax.device_get(state.step))
+  progress = console.TrainProgress(
+      stage.name, step, cfg.steps,
+      sum(s.global_batch_size for s in specs.values()))
+  accumulated = None
   history_path = ctx.stage_dir(stage.name, 'eval_history.json')
   history = [h for h in (workdir_lib.read_json(history_path) if os.path.exists(
       history_path) else []) if h['step'] <= step]
@@ -531,17 +534,12 @@ def run_train_stage(ctx, stage: Stage) -> dict:
     _check_finite(stage.name, step, metrics, checkpoints)
     accumulated = metrics if accumulated is None else accumulated.merge(
         metrics)
-    window_steps += 1
     report_progress(step)
     if step % config.log_every_steps == 0 or step == cfg.steps:
-      scalars = {f'{stage.name}/{k}': float(v)
-                 for k, v in accumulated.compute().items()}
+      scalars = progress.log(step, accumulated.compute())
       scalars[f'{stage.name}/invalid_label_pixels'] = invalid_pixels
-      scalars[f'{stage.name}/images_per_sec'] = (
-          window_steps * images_per_step / max(time.time() - window_start,
-                                               1e-9))
       ctx.writer.write_scalars(step, scalars)
-      accumulated, window_start, window_steps = None, time.time(), 0
+      accumulated = None
     if step % cfg.eval_every_steps == 0 or step == cfg.steps:
       result = evaluate(ctx, eval_model, state.variables(), eval_step)
       history.append({'step': step, 'miou': result['miou']})
@@ -550,6 +548,7 @@ def run_train_stage(ctx, stage: Stage) -> dict:
       _crash_after(ctx, f'{stage.name}/eval_history.json')
       ctx.writer.write_scalars(step, {f'{stage.name}/eval_miou':
                                       result['miou']})
+      logging.info('%s: step %d mIoU %.2f', stage.name, step, result['miou'])
       best.offer(step, state.variables(), result['miou'])
       _crash_after(ctx, f'{stage.name}/best/{step}')
     if step % config.checkpoint.every_steps == 0 or step == cfg.steps:
@@ -658,8 +657,8 @@ def run_pseudo_labels_stage(ctx, stage: Stage) -> dict:
   histogram = np.zeros((model.num_classes, cfg.histogram_bins), np.int64)
   for batch in ip.eval_batches(spec):
     histogram += np.asarray(histogram_step(variables, _global(ctx, batch)))
-  thresholds = spcl.class_thresholds_from_histogram(histogram,
-                                                    cfg.threshold_cap)
+  thresholds = spcl.class_thresholds_from_histogram(
+      histogram, cfg.threshold_cap, cfg.threshold_quantile)
   label_step = jax.jit(train.make_pseudo_label_step(model))
   agreement = np.zeros((model.num_classes,) * 2, np.int64)
   truth_pixels = np.zeros(model.num_classes, np.int64)
@@ -805,17 +804,25 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       if _any_process(ctx.preempted):
         raise Preempted(f'preempted before stage {stage.name} started')
       _check_inputs(ctx, stage)
+      console.set_stage(stage.name)
       logging.info('%s: starting', stage.name)
       result = RUNNERS[stage.kind](ctx, stage)
       _sync(f'{stage.name}-finished')
       if jax.process_index() == 0:
+        if stage.kind == 'train':
+          reporting.write_stage_tables(ctx.stage_dir(stage.name), stage.name,
+                                       result)
         workdir_lib.write_json(ctx.done_path(stage.name), result)
       _crash_after(ctx, f'{stage.name}/done.json')
       update_report(ctx, stage.name, result)
       _crash_after(ctx, f'report.json:{stage.name}')
       _sync(f'{stage.name}-reported')
-      logging.info('%s: mIoU %.2f', stage.name, result['miou'])
+      logging.info('%s', reporting.stage_line(stage.kind, stage.name, result))
       results[stage.name] = result
+    table = reporting.evaluated_stages_table(
+        results, {name: STAGE_BY_NAME[name].kind for name in results})
+    if table:
+      logging.info('evaluated stages (%s):\n%s', config.data.val_split, table)
     return results
   finally:
     signal.signal(signal.SIGTERM, previous)

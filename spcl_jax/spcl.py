@@ -333,25 +333,31 @@ def confidence_histogram(probabilities: jax.Array, num_bins: int,
   return counts[:-1].reshape(num_classes, num_bins).astype(jnp.int32)
 
 
-def class_thresholds_from_histogram(histogram, cap: float = 0.9) -> np.ndarray:
-  """σ_c = min(median confidence of class c, cap); 0 for a class never
-  predicted. Host-side (numpy, int64 counts), once per split.
+def class_thresholds_from_histogram(histogram, cap: float = 0.9,
+                                    quantile: float = 0.5) -> np.ndarray:
+  """σ_c = min(q-quantile of class c's confidences, cap); 0 for a class never
+  predicted. q = 0.5 (the median) is the released rule; a larger q keeps the
+  most confident 1 - q of each class's pixels (class-balanced selection as
+  in CBST, whose first round keeps the top 20 %: q = 0.8, cap 1). Host-side
+  (numpy, int64 counts), once per split.
 
-  The median is estimated from bin centres: for n values the lower and upper
-  middle ranks (n-1)//2 and n//2 are located in their bins and the two bin
-  centres averaged. Each centre is within half a bin of its value, so the
-  worst-case error versus `numpy.median` is 1 / (2 * num_bins)
-  (5e-4 with the default 1000 bins), before the cap."""
+  For n values the quantile lies between the ranks floor(q (n-1)) and
+  ceil(q (n-1)) (for the median the two middle ranks); both are located in
+  their bins and the two bin centres averaged. Each centre is within half a
+  bin of its value, so the worst-case error versus `numpy.median` is
+  1 / (2 * num_bins) (5e-4 with the default 1000 bins), before the cap."""
   histogram = np.asarray(histogram, np.int64)
   _check(histogram.ndim == 2, f'histogram must be [C, bins], got '
          f'{histogram.shape}')
+  _check(0.0 < quantile < 1.0, f'quantile must be in (0, 1), got {quantile}')
   num_classes, num_bins = histogram.shape
   cumulative = np.cumsum(histogram, axis=1)
   totals = cumulative[:, -1]
   thresholds = np.zeros(num_classes, np.float32)
   for c in np.nonzero(totals)[0]:
-    lower = np.searchsorted(cumulative[c], (totals[c] - 1) // 2, side='right')
-    upper = np.searchsorted(cumulative[c], totals[c] // 2, side='right')
-    median = (lower + upper + 1) / (2.0 * num_bins)
-    thresholds[c] = min(median, cap)
+    position = quantile * (totals[c] - 1)
+    lower = np.searchsorted(cumulative[c], np.floor(position), side='right')
+    upper = np.searchsorted(cumulative[c], np.ceil(position), side='right')
+    centre = (lower + upper + 1) / (2.0 * num_bins)
+    thresholds[c] = min(centre, cap)
   return thresholds

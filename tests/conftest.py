@@ -1,12 +1,31 @@
 """Test-wide settings: 8 simulated CPU devices (set before JAX is imported),
-so that sharded code paths can be compared with single-device ones."""
+so that sharded code paths can be compared with single-device ones; and one
+persistent XLA compilation cache for the session, shared by this process
+and every pipeline it starts as a subprocess (they inherit the variable).
 
+The cache only skips recompiling a program already compiled in this session:
+its key is the program's HLO, the compile options, the XLA flags (so the
+8-device tests and the 1-device subprocesses never share an entry), the
+backend and the jax version, and a hit loads the very executable the
+compiler made, so every result is bit-for-bit what a fresh compile gives.
+Most of a smoke pipeline's time is compiling: the subprocess runs that
+follow the first one (the crash chains, the SIGTERM and resume tests) mostly
+reuse its programs. Set JAX_COMPILATION_CACHE_DIR to choose the directory
+(kept), or JAX_ENABLE_COMPILATION_CACHE=false to compile everything afresh."""
+
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _COMPILATION_CACHE = tempfile.mkdtemp(prefix='spcl_jax_tests_xla_cache_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _COMPILATION_CACHE
+  atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
 
 import pytest  # noqa: E402  (after the environment is set)
 # torchvision (the parity tests' reference) must be loaded before clu's

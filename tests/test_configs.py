@@ -10,10 +10,22 @@ from spcl_jax import pipeline
 @pytest.mark.parametrize('name,args', [
     ('default', ''), ('gta5', ''), ('gta5', 'vgg16'), ('gta5', 'source_only'),
     ('synthia', ''), ('synthia', 'vgg16'), ('synscapes', ''), ('demo', ''),
-    ('demo', 'smoke'), ('demo', 'oracle,warmup'), ('demo', 'source_only')])
+    ('demo', 'smoke'), ('demo', 'oracle,warmup'), ('demo', 'source_only'),
+    ('demo', 'pretrained,class_balanced'), ('gta5', 'class_balanced')])
 def test_every_config_and_variant_validates(name, args):
   config = importlib.import_module(f'configs.{name}').get_config(args)
   pipeline.validate(config, num_devices=4)  # one GPU node of the paper
+
+
+@pytest.mark.parametrize('name', ['gta5', 'synthia', 'synscapes', 'demo'])
+def test_class_balanced_changes_only_the_self_training_labels(name):
+  module = importlib.import_module(f'configs.{name}')
+  plain, balanced = module.get_config(), module.get_config('class_balanced')
+  assert (balanced.stages.pseudo_labels_2.threshold_quantile,
+          balanced.stages.pseudo_labels_2.threshold_cap) == (0.8, 1.0)
+  balanced.stages.pseudo_labels_2.threshold_quantile = 0.5
+  balanced.stages.pseudo_labels_2.threshold_cap = 0.9
+  assert balanced.to_dict() == plain.to_dict()  # nothing else, stage 3 kept
 
 
 def test_unknown_config_argument_is_named():
@@ -56,6 +68,7 @@ def test_gta5_holds_the_released_recipe():
   assert t.color_jitter == (0.5, 0.5, 0.5, 0.2)
   for name in ('pseudo_labels', 'pseudo_labels_2'):
     assert c.stages[name].threshold_cap == 0.9
+    assert c.stages[name].threshold_quantile == 0.5  # the median
 
 
 def test_synthia_and_synscapes_sizes_and_class_sets():

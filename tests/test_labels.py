@@ -38,3 +38,14 @@ def test_synthia16_maps_trainids_and_ignores_terrain_truck_train():
   assert labels.class_names('synthia16')[9] == 'sky'
   assert labels.class_set_indices(13, 'synthia16') == (
       0, 1, 2, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+
+
+def test_trainids_to_official_label_ids_and_label_space_trainids():
+  trainids = np.array([[0, 1, 13], [18, 255, 10]], np.uint8)
+  np.testing.assert_array_equal(labels.trainids_to_label_ids(trainids),
+                                [[7, 8, 26], [33, 0, 23]])
+  with np.testing.assert_raises(ValueError):
+    labels.trainids_to_label_ids(np.array([19]))
+  np.testing.assert_array_equal(labels.space_to_trainids('cityscapes19'),
+                                np.arange(19))
+  assert labels.space_to_trainids('synthia16')[9] == 10   # sky

@@ -271,6 +271,17 @@ def test_negative_source_weight_is_refused():
     pipeline.validate(config, num_devices=1)
 
 
+@pytest.mark.parametrize('quantile', [0.0, 1.0, 1.5])
+def test_threshold_quantile_outside_0_1_is_refused(quantile):
+  from configs import demo
+  from spcl_jax import pipeline
+  config = demo.get_config()
+  config.stages.pseudo_labels_2.threshold_quantile = quantile
+  with pytest.raises(ValueError, match=r'stages.pseudo_labels_2.'
+                     rf'threshold_quantile = {quantile}, expected a fraction'):
+    pipeline.validate(config, num_devices=1)
+
+
 @pytest.mark.slow
 def test_vgg16_runs_every_stage(tiny_demo, tmp_path):
   """VGG-16 has no BatchNorm (no `batch_stats` collection): every stage

@@ -280,6 +280,41 @@ def test_thresholds_within_documented_error_of_numpy_median(num_bins):
   assert thresholds[4] == 0.0
 
 
+@pytest.mark.parametrize('quantile', [0.2, 0.65, 0.8])
+def test_quantile_thresholds_between_numpy_neighbour_ranks(quantile):
+  rng = np.random.RandomState(5)
+  num_bins, n = 1000, 30001
+  probs = jax.nn.softmax(jnp.asarray(rng.randn(n, 3) * 2.0, jnp.float32), -1)
+  histogram = np.asarray(spcl.confidence_histogram(probs, num_bins), np.int64)
+  thresholds = spcl.class_thresholds_from_histogram(histogram, cap=1.0,
+                                                    quantile=quantile)
+  predicted, confidence = np.argmax(probs, -1), np.max(probs, -1)
+  half_bin = 1 / (2 * num_bins) + 1e-7
+  for k in range(3):
+    values = confidence[predicted == k]
+    low = np.quantile(values, quantile, method='lower')
+    high = np.quantile(values, quantile, method='higher')
+    assert low - half_bin <= thresholds[k] <= high + half_bin
+  # a larger quantile keeps fewer pixels of every class
+  assert np.all(spcl.class_thresholds_from_histogram(
+      histogram, cap=1.0, quantile=0.9) > thresholds)
+
+
+def test_quantile_hand_computed_and_checked():
+  histogram = np.zeros((1, 10), np.int64)
+  histogram[0, [1, 3, 5, 8]] = 1  # centres 0.15, 0.35, 0.55, 0.85
+  # q = 0.8 of 4 values: rank 2.4 -> ranks 2 and 3, centres 0.55 and 0.85
+  assert spcl.class_thresholds_from_histogram(
+      histogram, cap=1.0, quantile=0.8)[0] == pytest.approx(0.7)
+  assert spcl.class_thresholds_from_histogram(
+      histogram, cap=0.6, quantile=0.8)[0] == pytest.approx(0.6)
+  # q = 2/3: rank exactly 2 -> the third value's centre
+  assert spcl.class_thresholds_from_histogram(
+      histogram, cap=1.0, quantile=2 / 3)[0] == pytest.approx(0.55)
+  with pytest.raises(ValueError, match='quantile must be in'):
+    spcl.class_thresholds_from_histogram(histogram, quantile=1.0)
+
+
 def test_median_even_count_hand_computed():
   histogram = np.zeros((1, 10), np.int64)
   histogram[0, [2, 7]] = 1  # values in [0.2, 0.3) and [0.7, 0.8)

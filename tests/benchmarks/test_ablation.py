@@ -3,6 +3,8 @@ identical, paired statistics, bad rows refused before training, resume."""
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -124,14 +126,48 @@ def test_bad_rows_fail_before_training(tiny_demo, tmp_path):
     ablation.check_rows(missing, _rows('source_only'), 1)
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+
+# `ablation.run_ablation` of the smoke config in a process of its own;
+# argv: data_dir, workdir, comma-separated rows, where to write the table
+# it returns (JSON).
+_RUN_ABLATION = """
+import json, sys
+from benchmarks import ablation
+from configs import demo
+data_dir, workdir, rows, out = sys.argv[1:]
+base = demo.get_config('smoke')
+base.data.data_dir = data_dir
+base.lock()
+table = ablation.run_ablation(base, workdir, 1, ablation.select_rows(
+    rows.split(','), False, []), 'smoke')
+with open(out, 'w') as f:
+  json.dump(table, f)
+"""
+
+
+def _run_ablation(data_dir, workdir, rows, out):
+  """`ablation.run_ablation(smoke, workdir, 1, rows)`'s returned table, run
+  on one CPU device (XLA_FLAGS cleared) as the pipeline tests' smoke runs
+  and the README's `python -m benchmarks.ablation` are: its programs are
+  then the same as theirs, compiled once per session (the compilation cache
+  of conftest.py), not once more for 8 simulated devices."""
+  result = subprocess.run(
+      [sys.executable, '-c', _RUN_ABLATION, data_dir, str(workdir),
+       ','.join(r.name for r in rows), str(out)],
+      cwd=ROOT, capture_output=True, text=True, check=False,
+      env={**os.environ, 'XLA_FLAGS': ''})
+  assert result.returncode == 0, result.stderr[-6000:]
+  return json.loads(out.read_text())
+
+
 @pytest.mark.slow
-def test_smoke_ablation_writes_tables_and_resumes(tiny_demo, tmp_path):
-  base = _smoke()
-  with base.unlocked():
-    base.data.data_dir = tiny_demo
+def test_smoke_ablation_writes_tables_and_resumes(tiny_demo, tmp_path,
+                                                  tmp_path_factory):
   rows = _rows('source_only', 'full_spcl', 'self_training_no_cl', 'oracle',
                'self_training_true_labels', 'self_training_correct_pseudo_labels')
-  table = ablation.run_ablation(base, str(tmp_path), 1, rows, 'smoke')
+  out = tmp_path_factory.mktemp('ablation_table') / 'table.json'
+  table = _run_ablation(tiny_demo, tmp_path, rows, out)
   written = json.loads((tmp_path / 'ablation.json').read_text())
   assert list(written['rows']) == [r.name for r in rows]
   for name, entry in written['rows'].items():
@@ -173,7 +209,7 @@ def test_smoke_ablation_writes_tables_and_resumes(tiny_demo, tmp_path):
   done = {s: os.path.getmtime(tmp_path / 'stages' / s / 'done.json')
           for s in stores}
   # rerun: every row is finished, nothing retrains
-  again = ablation.run_ablation(base, str(tmp_path), 1, rows, 'smoke')
+  again = _run_ablation(tiny_demo, tmp_path, rows, out)
   assert again['oracle']['mious'] == table['oracle']['mious']
   assert done == {s: os.path.getmtime(tmp_path / 'stages' / s / 'done.json')
                   for s in stores}

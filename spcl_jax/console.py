@@ -1,0 +1,255 @@
+"""What a run prints, and its full log in DIR/log.txt.
+
+By default (`--verbosity=0`) the console shows this project's log lines
+(stage starts and results, one line per training log interval, the
+progress of long passes) and every warning and error, each line prefixed
+with the time only; other libraries' INFO lines (orbax's ~50 per checkpoint,
+TFDS, grain, clu's metric writer, jax) and TensorFlow's native INFO lines
+(the oneDNN banner of every grain worker) are hidden. `--verbosity=1` (or
+more) shows everything in absl's format. Either way every Python log
+record, third-party INFO included, is appended to DIR/log.txt
+(`log_to_file`), one flushed line at a time, so that a crash keeps what
+came before it.
+
+  console.quiet_native_logs(sys.argv)   # in main.py, before TensorFlow loads
+  console.setup(verbosity)              # once flags are parsed
+  console.log_to_file(path)             # once the process index is known
+"""
+
+import logging as py_logging
+from logging import handlers as py_handlers
+import os
+import sys
+import time
+from typing import Callable, Iterable, Iterator, Sequence
+
+from absl import logging
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_PACKAGE_DIR)
+# Log records whose source file is under one of these are the project's.
+PROJECT_DIRS = tuple(os.path.join(d, '') for d in (
+    _PACKAGE_DIR, os.path.join(_ROOT, 'data_prep'),
+    os.path.join(_ROOT, 'configs')))
+
+_state = {'verbosity': 0, 'stage': '', 'buffer': None}
+
+
+# ------------------------------------------------------------ native logs --
+
+def verbosity_from_argv(argv: Sequence[str]) -> int:
+  """absl's --verbosity (-v) as given on the command line, 0 if absent or
+  unreadable (flags are not parsed yet when TensorFlow must be told)."""
+  value = '0'
+  args = list(argv[1:])
+  for i, arg in enumerate(args):
+    for name in ('--verbosity', '-verbosity', '--v', '-v'):
+      if arg == name and i + 1 < len(args):
+        value = args[i + 1]
+      elif arg.startswith(name + '='):
+        value = arg[len(name) + 1:]
+  try:
+    return int(value)
+  except ValueError:
+    return 0
+
+
+def quiet_native_logs(argv: Sequence[str], environ=None) -> None:
+  """Hides TensorFlow's and XLA's native INFO lines (warnings and errors
+  stay) unless --verbosity >= 1 or TF_CPP_MIN_LOG_LEVEL is set already.
+  Call it before TensorFlow is imported: grain's worker processes inherit
+  the environment, and each would print the oneDNN banner."""
+  environ = os.environ if environ is None else environ
+  if verbosity_from_argv(argv) < 1:
+    environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+
+
+# ---------------------------------------------------------------- console --
+
+def is_project_record(record: py_logging.LogRecord) -> bool:
+  path = os.path.abspath(record.pathname or '')
+  return path.startswith(PROJECT_DIRS)
+
+
+class ConsoleFilter(py_logging.Filter):
+  """Passes warnings, errors and the project's records; other libraries'
+  INFO and DEBUG records only at verbosity >= 1."""
+
+  def __init__(self, verbosity: int):
+    super().__init__()
+    self.verbosity = verbosity
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return (self.verbosity >= 1 or record.levelno >= py_logging.WARNING
+            or is_project_record(record))
+
+
+class ConsoleFormatter(py_logging.Formatter):
+  """`HH:MM:SS message`; warnings and errors also name their level and
+  source line."""
+
+  def __init__(self):
+    super().__init__('%(asctime)s %(message)s', '%H:%M:%S')
+
+  def formatMessage(self, record: py_logging.LogRecord) -> str:
+    line = super().formatMessage(record)
+    if record.levelno >= py_logging.WARNING:
+      stamp, _, message = line.partition(' ')
+      line = (f'{stamp} {record.levelname} {record.filename}:'
+              f'{record.lineno}] {message}')
+    return line
+
+
+def setup(verbosity: int, handler: py_logging.Handler | None = None,
+          logger: py_logging.Logger | None = None,
+          quiet_dataset_builds: bool | None = None) -> None:
+  """The console filter and format on `handler` (absl's stderr handler),
+  and a buffer on `logger` (the root logger) that keeps every record until
+  `log_to_file` names the file. TFDS progress bars are turned off when
+  stderr is not a terminal (`quiet_dataset_builds`; they would print their
+  escape codes as lines)."""
+  _state['verbosity'] = verbosity
+  handler = handler or logging.get_absl_handler()
+  handler.addFilter(ConsoleFilter(verbosity))
+  if verbosity < 1:
+    handler.setFormatter(ConsoleFormatter())
+  logger = logger or py_logging.getLogger()
+  buffer = py_handlers.MemoryHandler(capacity=100_000,
+                                     flushLevel=py_logging.CRITICAL + 1)
+  logger.addHandler(buffer)
+  _state['buffer'] = (buffer, logger)
+  if quiet_dataset_builds is None:
+    quiet_dataset_builds = not _isatty(sys.stderr)
+  if quiet_dataset_builds:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    tfds.disable_progress_bar()
+
+
+def log_file_name(process_index: int) -> str:
+  return 'log.txt' if process_index == 0 else (
+      f'log.process_{process_index}.txt')
+
+
+def log_to_file(path: str, logger: py_logging.Logger | None = None
+                ) -> py_logging.Handler:
+  """Appends every record of `logger` (default: the root logger, which
+  every library's records reach) to `path` in absl's format, flushed
+  record by record; the records buffered since `setup` go first."""
+  logger = logger or py_logging.getLogger()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  handler = py_logging.FileHandler(path, mode='a', encoding='utf-8')
+  handler.setFormatter(logging.PythonFormatter())
+  buffered = _state['buffer']
+  if buffered is not None:
+    buffer, buffer_logger = buffered
+    buffer_logger.removeHandler(buffer)
+    for record in buffer.buffer:
+      handler.handle(record)
+    buffer.buffer.clear()
+    buffer.close()
+    _state['buffer'] = None
+  logger.addHandler(handler)
+  return handler
+
+
+# --------------------------------------------------------------- progress --
+
+def set_stage(name: str) -> None:
+  """The stage that progress lines name."""
+  _state['stage'] = name
+
+
+def _isatty(stream) -> bool:
+  try:
+    return stream.isatty()
+  except (AttributeError, ValueError):
+    return False
+
+
+def duration(seconds: float) -> str:
+  """'42s', '3m05s', '1h02m'."""
+  seconds = int(round(max(seconds, 0)))
+  if seconds < 60:
+    return f'{seconds}s'
+  if seconds < 3600:
+    return f'{seconds // 60}m{seconds % 60:02d}s'
+  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
+
+
+def _prefix() -> str:
+  return f'{_state["stage"]}: ' if _state['stage'] else ''
+
+
+def progress(iterable: Iterable, what: str, total: int,
+             count: Callable[[object], int] = lambda _: 1,
+             unit: str = 'images', every_s: float = 30.0,
+             stream=None, clock: Callable[[], float] = time.monotonic
+             ) -> Iterator:
+  """Yields `iterable`'s `total` items. On a terminal (at verbosity 0) a
+  bar redrawn in place; otherwise a plain line every `every_s` seconds.
+  When the pass ends, one logged line: how many `unit` (the sum of
+  `count(item)`) in how long."""
+  stream = stream or sys.stderr
+  bar = _isatty(stream) and _state['verbosity'] < 1
+  start = last_line = last_draw = clock()
+  done = units = 0
+  label = f'{_prefix()}{what}'
+  for item in iterable:
+    yield item
+    done += 1
+    units += count(item)
+    now = clock()
+    elapsed = now - start
+    eta = elapsed / done * max(total - done, 0)
+    rate = f'{units / max(elapsed, 1e-9):.1f} {unit}/s'
+    if bar and (now - last_draw >= 0.2 or done == total):
+      filled = int(20 * done / max(total, 1))
+      stream.write(f'\r{label} [{"#" * filled}{"." * (20 - filled)}] '
+                   f'{done}/{total}  {rate}  ETA {duration(eta)}\033[K')
+      stream.flush()
+      last_draw = now
+    elif not bar and now - last_line >= every_s and done < total:
+      logging.info('%s %d/%d batches, %s, ETA %s', label, done, total, rate,
+                   duration(eta))
+      last_line = now
+  if bar:
+    stream.write('\r\033[K')
+    stream.flush()
+  elapsed = clock() - start
+  logging.info('%s %d %s in %s (%.1f %s/s)', label, units, unit,
+               duration(elapsed), units / max(elapsed, 1e-9), unit)
+
+
+class TrainProgress:
+  """One console line per log interval of a training stage: step/total,
+  the main losses, images/s and the stage's ETA, from the interval's
+  averaged metrics."""
+
+  def __init__(self, stage: str, step: int, total: int,
+               images_per_step: int, clock: Callable[[], float] = time.time):
+    self.stage, self.total = stage, total
+    self.images_per_step = images_per_step
+    self.clock = clock
+    self.window_start, self.window_first = clock(), step
+
+  def log(self, step: int, metrics: dict) -> dict:
+    """Logs the interval ending at `step`; returns its scalars for the
+    metric writer (`<stage>/<name>`, with `<stage>/images_per_sec`)."""
+    now = self.clock()
+    seconds = max(now - self.window_start, 1e-9)
+    steps = max(step - self.window_first, 1)
+    images_per_sec = steps * self.images_per_step / seconds
+    scalars = {f'{self.stage}/{k}': float(v) for k, v in metrics.items()}
+    scalars[f'{self.stage}/images_per_sec'] = images_per_sec
+    losses = sorted((k for k in metrics if k != 'loss' and (
+        'loss' in k or k.startswith('contrastive'))))
+    parts = [f'{k} {float(metrics[k]):.4g}' for k in ['loss'] * (
+        'loss' in metrics) + losses]
+    if 'lr' in metrics:
+      parts.append(f'lr {float(metrics["lr"]):.3g}')
+    eta = seconds / steps * (self.total - step)
+    logging.info('%s: step %d/%d  %s  %.1f images/s  ETA %s', self.stage,
+                 step, self.total, '  '.join(parts), images_per_sec,
+                 duration(eta))
+    self.window_start, self.window_first = now, step
+    return scalars

@@ -1,0 +1,209 @@
+"""The calm console: the filter, format, log file and progress lines on
+synthetic log records, and the console of the shared smoke run."""
+
+import io
+import logging as py_logging
+import os
+import re
+
+from absl import logging
+import pytest
+
+from spcl_jax import console
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROJECT_FILE = os.path.join(ROOT, 'spcl_jax', 'pipeline.py')
+ORBAX_FILE = '/venv/site-packages/orbax/checkpoint/checkpoint_manager.py'
+
+
+def _record(level, pathname, message, name='absl'):
+  return py_logging.LogRecord(name, level, pathname, 7, message, None, None)
+
+
+@pytest.fixture
+def fresh_state():
+  saved = dict(console._state)  # pylint: disable=protected-access
+  yield
+  console._state.clear()  # pylint: disable=protected-access
+  console._state.update(saved)  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize('verbosity', [0, 1])
+def test_filter_drops_third_party_info_unless_verbose(verbosity):
+  keep = console.ConsoleFilter(verbosity).filter
+  assert keep(_record(py_logging.INFO, PROJECT_FILE, 'warmup: starting'))
+  assert keep(_record(py_logging.INFO,
+                      os.path.join(ROOT, 'data_prep', 'builders.py'), 'x'))
+  assert keep(_record(py_logging.WARNING, ORBAX_FILE, 'disk nearly full'))
+  assert keep(_record(py_logging.ERROR, ORBAX_FILE, 'save failed'))
+  assert keep(_record(py_logging.INFO, ORBAX_FILE, 'Saving')) == bool(
+      verbosity)
+  assert keep(_record(py_logging.DEBUG, ORBAX_FILE, 'detail')) == bool(
+      verbosity)
+  # a file outside the project whose path merely starts like it
+  assert keep(_record(py_logging.INFO, os.path.join(
+      ROOT, 'spcl_jax_old', 'pipeline.py'), 'x')) == bool(verbosity)
+
+
+def test_setup_console_and_log_file(tmp_path, fresh_state):
+  logger = py_logging.getLogger('test_console.setup')
+  logger.propagate, logger.level = False, py_logging.DEBUG
+  stream = io.StringIO()
+  handler = py_logging.StreamHandler(stream)
+  logger.addHandler(handler)
+  console.setup(0, handler=handler, logger=logger,
+                quiet_dataset_builds=False)
+  try:
+    logger.handle(_record(py_logging.INFO, ORBAX_FILE, 'early orbax line'))
+    logger.handle(_record(py_logging.INFO, PROJECT_FILE, 'early project'))
+    path = str(tmp_path / 'log.txt')
+    file_handler = console.log_to_file(path, logger)
+    logger.handle(_record(py_logging.INFO, ORBAX_FILE, 'orbax saving'))
+    logger.handle(_record(py_logging.WARNING, ORBAX_FILE, 'orbax warning'))
+    logger.handle(_record(py_logging.INFO, PROJECT_FILE,
+                          'warmup: step 2/4'))
+    # flushed record by record: readable before the handler is closed
+    lines = open(path).read().splitlines()
+    assert [line.split('] ', 1)[1] for line in lines] == [
+        'early orbax line', 'early project', 'orbax saving', 'orbax warning',
+        'warmup: step 2/4']
+    assert re.match(r'I\d{4} [\d:.]+ +\d+ checkpoint_manager\.py:7\] ',
+                    lines[0])
+    shown = stream.getvalue().splitlines()
+    assert len(shown) == 3
+    assert re.fullmatch(r'\d\d:\d\d:\d\d early project', shown[0])
+    assert re.fullmatch(r'\d\d:\d\d:\d\d WARNING checkpoint_manager\.py:7\] '
+                        r'orbax warning', shown[1])
+    assert shown[2].endswith(' warmup: step 2/4')
+    logger.removeHandler(file_handler)
+    file_handler.close()
+    # a rerun appends
+    file_handler = console.log_to_file(path, logger)
+    logger.handle(_record(py_logging.INFO, ORBAX_FILE, 'second run'))
+    assert open(path).read().splitlines()[5].endswith('] second run')
+  finally:
+    for h in list(logger.handlers):
+      logger.removeHandler(h)
+      h.close()
+
+
+def test_verbose_console_keeps_everything_and_absl_format(fresh_state):
+  logger = py_logging.getLogger('test_console.verbose')
+  logger.propagate, logger.level = False, py_logging.DEBUG
+  stream = io.StringIO()
+  handler = py_logging.StreamHandler(stream)
+  handler.setFormatter(logging.PythonFormatter())
+  logger.addHandler(handler)
+  console.setup(1, handler=handler, logger=logger, quiet_dataset_builds=False)
+  try:
+    logger.handle(_record(py_logging.INFO, ORBAX_FILE, 'orbax saving'))
+    assert re.match(r'I\d{4} .* checkpoint_manager\.py:7\] orbax saving',
+                    stream.getvalue())
+  finally:
+    for h in list(logger.handlers):
+      logger.removeHandler(h)
+      h.close()
+
+
+def test_native_log_level_before_tensorflow():
+  env = {}
+  console.quiet_native_logs(['main', '--workdir=w'], env)
+  assert env == {'TF_CPP_MIN_LOG_LEVEL': '1'}
+  env = {'TF_CPP_MIN_LOG_LEVEL': '0'}           # the user's own setting
+  console.quiet_native_logs(['main'], env)
+  assert env == {'TF_CPP_MIN_LOG_LEVEL': '0'}
+  for argv in (['m', '--verbosity=1'], ['m', '-v', '2'], ['m', '--v=1'],
+               ['m', '--verbosity', '1']):
+    env = {}
+    console.quiet_native_logs(argv, env)
+    assert env == {}, argv
+  assert console.verbosity_from_argv(['m', '--verbosity=x']) == 0
+
+
+class _Clock:
+
+  def __init__(self, step):
+    self.now, self.step = 0.0, step
+
+  def __call__(self):
+    self.now += self.step
+    return self.now
+
+
+def test_progress_plain_lines(caplog, fresh_state):
+  console.set_stage('pseudo_labels')
+  with caplog.at_level(py_logging.INFO):
+    out = list(console.progress(range(10), 'target_train', 10,
+                                count=lambda _: 4, every_s=3.0,
+                                stream=io.StringIO(), clock=_Clock(1.0)))
+  assert out == list(range(10))
+  lines = [r.getMessage() for r in caplog.records]
+  assert lines[0] == 'pseudo_labels: target_train 3/10 batches, 4.0 ' \
+                     'images/s, ETA 7s'
+  assert len(lines) == 4     # 3/10, 6/10, 9/10 and the end
+  assert lines[-1] == 'pseudo_labels: target_train 40 images in 11s ' \
+                      '(3.6 images/s)'
+
+
+def test_progress_bar_on_a_terminal(caplog, fresh_state):
+
+  class Terminal(io.StringIO):
+
+    def isatty(self):
+      return True
+
+  console.set_stage('')
+  terminal = Terminal()
+  with caplog.at_level(py_logging.INFO):
+    list(console.progress(range(5), 'target_val', 5, stream=terminal,
+                          clock=_Clock(1.0)))
+  drawn = terminal.getvalue()
+  assert '\rtarget_val [####################] 5/5' in drawn
+  assert drawn.endswith('\r\x1b[K')
+  assert [r.getMessage() for r in caplog.records] == [
+      'target_val 5 images in 6s (0.8 images/s)']
+
+
+def test_train_progress_line(caplog):
+  progress = console.TrainProgress('spcl', 4, 304, 16, clock=_Clock(2.0))
+  with caplog.at_level(py_logging.INFO):
+    scalars = progress.log(8, {'loss': 7.5, 'seg_loss': 1.5, 'lr': 0.01,
+                               'contrastive_source': 2.9, 'grad_norm': 3.0})
+  assert scalars['spcl/images_per_sec'] == pytest.approx(4 * 16 / 2.0)
+  assert scalars['spcl/grad_norm'] == 3.0
+  assert caplog.records[-1].getMessage() == (
+      'spcl: step 8/304  loss 7.5  contrastive_source 2.9  seg_loss 1.5  '
+      'lr 0.01  32.0 images/s  ETA 2m28s')
+  assert console.duration(3725) == '1h02m'
+
+
+_LOG_LINE = re.compile(r'[IWEF]\d{4} [\d:.]+ +\d+ ([\w.]+):\d+\] (.*)')
+
+
+@pytest.mark.slow
+def test_smoke_run_console_is_calm(smoke_reference):
+  """The shared smoke run's console: under 200 lines, every INFO line the
+  project's; its log.txt has the third-party lines."""
+  workdir, result = smoke_reference
+  assert result.returncode == 0, result.stderr[-4000:]
+  shown = result.stderr.splitlines()
+  assert len(shown) < 200, len(shown)
+  for marker in ('orbax', 'Load dataset info', 'Setting work unit notes',
+                 '[Hyperparameters]', 'logging_writer.py'):
+    assert marker not in result.stderr, marker
+  project_files = {name for d in ('spcl_jax', 'data_prep', 'configs')
+                   for _, _, names in os.walk(os.path.join(ROOT, d))
+                   for name in names if name.endswith('.py')}
+  logged = {}
+  with open(os.path.join(workdir, 'log.txt')) as f:
+    for line in f:
+      match = _LOG_LINE.match(line.rstrip('\n'))
+      if match:
+        logged.setdefault(match.group(2), set()).add(match.group(1))
+  assert any('Saving checkpoint at step' in m for m in logged)   # orbax
+  info = [m.group(1) for m in map(
+      re.compile(r'\d\d:\d\d:\d\d (?!WARNING |ERROR )(.*)').fullmatch, shown)
+          if m]
+  assert any('warmup: step 4/4' in line for line in info)
+  for message in info:
+    assert logged.get(message, set()) & project_files, message
