@@ -43,6 +43,7 @@ from spcl_jax import input_pipeline as ip
 from spcl_jax import labels as label_table
 from spcl_jax import trained_model
 from spcl_jax import visualize
+from spcl_jax import workdir as workdir_lib
 
 OVERLAY_ALPHA = 0.5
 
@@ -108,8 +109,12 @@ def output_images(image: np.ndarray, classes: np.ndarray, label_space: str,
 
 
 def write_pngs(output: str, stem: str, images: dict) -> None:
+  """`output`/<stem>_<suffix>.png, each written atomically."""
   for suffix, array in images.items():
-    Image.fromarray(array).save(os.path.join(output, f'{stem}_{suffix}.png'))
+    workdir_lib.write_atomically(
+        os.path.join(output, f'{stem}_{suffix}.png'),
+        lambda f, array=array: Image.fromarray(array).save(f, format='PNG'),
+        binary=True)
 
 
 class Predictor:

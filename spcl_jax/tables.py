@@ -14,6 +14,7 @@ import math
 import os
 
 from spcl_jax import labels as label_table
+from spcl_jax import workdir as workdir_lib
 
 MISSING_MARKDOWN = '-'   # a class or set an entry has no value for
 
@@ -104,12 +105,11 @@ def csv_text(entries: dict, row_title: str = 'model', digits: int = 2) -> str:
 
 
 def write(directory: str, entries: dict, row_title: str = 'model') -> tuple:
-  """Writes `directory`/table.md and table.csv; returns their paths."""
-  os.makedirs(directory, exist_ok=True)
+  """Writes `directory`/table.md and table.csv (each atomically); returns
+  their paths."""
   paths = (os.path.join(directory, 'table.md'),
            os.path.join(directory, 'table.csv'))
   for path, text in zip(paths, (markdown(entries, row_title),
                                 csv_text(entries, row_title))):
-    with open(path, 'w') as f:
-      f.write(text)
+    workdir_lib.write_text(path, text)
   return paths

@@ -1,4 +1,4 @@
-"""Workdir hygiene: atomic JSON writes, the temporary names our writers use,
+"""Workdir hygiene: atomic writes, the temporary names our writers use,
 their removal after a crash, and the deterministic crash hook of the tests.
 
 Every write of the pipeline goes through a temporary name and a rename, so
@@ -15,16 +15,18 @@ import re
 import shutil
 import signal
 import tempfile
+from typing import IO, Callable
 
 from absl import logging
 
 # Temporary names of our own writers (matched against a file or folder's
 # base name), by where the writers put them:
-# write_json: tempfile.mkstemp(prefix='.<file name>.tmp-') (before: prefix
-# '.tmp-'); mkstemp's suffix is 8 of [a-z0-9_]. The JSON files of the
-# workdir: config, report, done, eval_history.
-_JSON_TMP = re.compile(r'\.(?:(?:config|report|done|eval_history)\.json\.)?'
-                       r'tmp-[a-z0-9_]{8}')
+# write_atomically: tempfile.mkstemp(prefix='.<file name>.tmp-') (before:
+# prefix '.tmp-'); mkstemp's suffix is 8 of [a-z0-9_]. The files of the
+# workdir written so: config, report, done, eval_history (JSON) and a
+# training stage's table (markdown, CSV).
+_JSON_TMP = re.compile(r'\.(?:(?:(?:config|report|done|eval_history)\.json'
+                       r'|table\.(?:md|csv))\.)?tmp-[a-z0-9_]{8}')
 # checkpoint.save_tree: '.<output>.writing' / '.<output>.replaced', and
 # orbax's temporary folder of a tree being written ('<path>.orbax-checkpoint-
 # tmp[-<timestamp>]').
@@ -45,21 +47,34 @@ LITTER_PATTERNS = {
 TFDS_INCOMPLETE = re.compile(r'incomplete\.[A-Z0-9]{6}_(?P<version>[\w.]+)')
 
 
-def write_json(path: str, data, sort_keys: bool = True) -> None:
-  """Atomic JSON write: a temporary file `.<name>.tmp-*` in the same
-  directory, then a rename (removed if the write fails; left by a kill,
-  and then removed by `remove_litter`)."""
+def write_atomically(path: str, write: Callable[[IO], None],
+                     binary: bool = False) -> None:
+  """Calls `write(file)` on a temporary file `.<name>.tmp-*` in `path`'s
+  directory, then renames it to `path`: a reader sees the whole file or
+  none (the temporary is removed if `write` fails; one left by a kill is
+  removed by `remove_litter` where our writers put it)."""
   directory, name = os.path.split(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f'.{name}.tmp-', dir=directory)
   try:
-    with os.fdopen(fd, 'w') as f:
-      json.dump(data, f, indent=2, sort_keys=sort_keys, default=float)
+    with os.fdopen(fd, 'wb' if binary else 'w') as f:
+      write(f)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def write_text(path: str, text: str) -> None:
+  """Atomic text write (`write_atomically`)."""
+  write_atomically(path, lambda f: f.write(text))
+
+
+def write_json(path: str, data, sort_keys: bool = True) -> None:
+  """Atomic JSON write (`write_atomically`)."""
+  write_atomically(path, lambda f: json.dump(
+      data, f, indent=2, sort_keys=sort_keys, default=float))
 
 
 def read_json(path: str):

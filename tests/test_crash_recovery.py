@@ -155,10 +155,12 @@ def _plant_litter(workdir):
   """Names our writers use while writing, and user files that look alike."""
   ours = ['.tmp-a1b2c3d_', '.report.json.tmp-x9y8z7w6',
           'spcl/.done.json.tmp-qwertyui', 'spcl/.model.writing',
-          'spcl/.prototypes.replaced',
+          'spcl/.prototypes.replaced', 'spcl/.table.md.tmp-0a1b2c3d',
+          'spcl/.table.csv.tmp-zz99yy88',
           'spcl/model.orbax-checkpoint-tmp-1732900000123456',
           'pseudo_labels/labels/.pseudo_labels-00000-of-00001.tmp-ab_12cd3']
   users = ['notes.tmp-a1b2c3d4', '.tmp-short', 'spcl/my.model.writing',
+           'spcl/.notes.md.tmp-0a1b2c3d',
            'pseudo_labels/labels/pseudo_labels-00000-of-00001.tmp-keep',
            'pseudo_labels/.pseudo_labels-00000-of-00001.tmp-abcdefgh']
   for name in ours + users:
