@@ -80,8 +80,32 @@ class ConsoleFilter(py_logging.Filter):
     self.verbosity = verbosity
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    return (self.verbosity >= 1 or record.levelno >= py_logging.WARNING
-            or is_project_record(record))
+    if self.verbosity >= 1:
+      return True
+    if is_orbax_task_failure(record):
+      return False
+    return record.levelno >= py_logging.WARNING or is_project_record(record)
+
+
+_ORBAX_DIR = os.path.join(os.sep, 'orbax', '')
+
+
+def is_orbax_task_failure(record: py_logging.LogRecord) -> bool:
+  """asyncio's report of an orbax read or write task whose exception no one
+  awaited. Orbax reads a checkpoint's arrays in concurrent tasks; when a
+  file is damaged several fail, the first failure propagates (the pipeline
+  names the checkpoint in one warning, or stops with it) and, depending on
+  timing, the others reach asyncio's handler as an ERROR with a TensorStore
+  spec of a hundred lines. They repeat an error already reported, so the
+  console hides them (DIR/log.txt keeps them)."""
+  if record.name != 'asyncio' or not record.exc_info:
+    return False
+  traceback = record.exc_info[2]
+  while traceback is not None:
+    if _ORBAX_DIR in traceback.tb_frame.f_code.co_filename:
+      return True
+    traceback = traceback.tb_next
+  return False
 
 
 class ConsoleFormatter(py_logging.Formatter):

@@ -1,6 +1,8 @@
 """The calm console: the filter, format, log file and progress lines on
 synthetic log records, and the console of the shared smoke run."""
 
+import asyncio
+import gc
 import io
 import logging as py_logging
 import os
@@ -43,6 +45,51 @@ def test_filter_drops_third_party_info_unless_verbose(verbosity):
   # a file outside the project whose path merely starts like it
   assert keep(_record(py_logging.INFO, os.path.join(
       ROOT, 'spcl_jax_old', 'pipeline.py'), 'x')) == bool(verbosity)
+
+
+def _unretrieved_task_failure_record(filename):
+  """The record asyncio logs for a task whose exception no one awaited, the
+  failing coroutine compiled as if it lived in `filename`."""
+  code = compile('async def read_shard():\n'
+                 '  raise ValueError("OUT_OF_RANGE reading shard 0.0.0.0")\n',
+                 filename, 'exec')
+  namespace = {}
+  exec(code, namespace)  # pylint: disable=exec-used
+  records = []
+  asyncio_logger = py_logging.getLogger('asyncio')
+  collect = py_logging.Handler()
+  collect.emit = records.append
+  asyncio_logger.addHandler(collect)
+  loop = asyncio.new_event_loop()
+  try:
+    loop.create_task(namespace['read_shard']())
+    loop.run_until_complete(asyncio.sleep(0.01))
+  finally:
+    loop.close()
+    gc.collect()
+    asyncio_logger.removeHandler(collect)
+  (record,) = records
+  return record
+
+
+def test_filter_hides_orbax_unretrieved_task_failures():
+  orbax_failure = _unretrieved_task_failure_record(
+      '/venv/site-packages/orbax/checkpoint/_src/serialization/'
+      'serialization.py')
+  other_failure = _unretrieved_task_failure_record(
+      '/venv/site-packages/somelib/io.py')
+  for record in (orbax_failure, other_failure):
+    assert record.levelno == py_logging.ERROR
+    assert 'never retrieved' in record.getMessage()
+  quiet, verbose = console.ConsoleFilter(0), console.ConsoleFilter(1)
+  assert console.is_orbax_task_failure(orbax_failure)
+  assert not quiet.filter(orbax_failure)
+  assert verbose.filter(orbax_failure)
+  # any other library's lost task failure stays on the console
+  assert not console.is_orbax_task_failure(other_failure)
+  assert quiet.filter(other_failure)
+  # an orbax error that is not a lost task stays too
+  assert quiet.filter(_record(py_logging.ERROR, ORBAX_FILE, 'save failed'))
 
 
 def test_setup_console_and_log_file(tmp_path, fresh_state):
