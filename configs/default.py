@@ -105,6 +105,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Evaluated class sets (19, 16 or 13 classes); the first is the one
       # whose mIoU is reported as "miou" and selects the best checkpoint.
       'class_sets': (19,),
+      # Validation images shown at every evaluation of a training stage
+      # (DIR/tensorboard; input | prediction | ground truth, the same
+      # images each time, spcl_jax/dashboards.py); 0: none.
+      'dashboard_images': 4,
   })
 
   warmup = _sgd(2.5e-4, 40_000, 62_500)

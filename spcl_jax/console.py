@@ -71,6 +71,11 @@ def is_project_record(record: py_logging.LogRecord) -> bool:
   return path.startswith(PROJECT_DIRS)
 
 
+# A record logged with `extra={FILE_ONLY: True}` goes to the log file only
+# (what the console shows another way, e.g. `report_error`'s line).
+FILE_ONLY = 'spcl_file_only'
+
+
 class ConsoleFilter(py_logging.Filter):
   """Passes warnings, errors and the project's records; other libraries'
   INFO and DEBUG records only at verbosity >= 1."""
@@ -80,10 +85,10 @@ class ConsoleFilter(py_logging.Filter):
     self.verbosity = verbosity
 
   def filter(self, record: py_logging.LogRecord) -> bool:
+    if getattr(record, FILE_ONLY, False):
+      return False
     if self.verbosity >= 1:
       return True
-    if is_orbax_task_failure(record):
-      return False
     return record.levelno >= py_logging.WARNING or is_project_record(record)
 
 
@@ -92,20 +97,36 @@ _ORBAX_DIR = os.path.join(os.sep, 'orbax', '')
 
 def is_orbax_task_failure(record: py_logging.LogRecord) -> bool:
   """asyncio's report of an orbax read or write task whose exception no one
-  awaited. Orbax reads a checkpoint's arrays in concurrent tasks; when a
-  file is damaged several fail, the first failure propagates (the pipeline
-  names the checkpoint in one warning, or stops with it) and, depending on
-  timing, the others reach asyncio's handler as an ERROR with a TensorStore
-  spec of a hundred lines. They repeat an error already reported, so the
-  console hides them (DIR/log.txt keeps them)."""
-  if record.name != 'asyncio' or not record.exc_info:
+  awaited ("Task exception was never retrieved", "unhandled exception
+  during asyncio.run() shutdown", ...): the task's repr in the message, or
+  a frame of the exception's traceback, lies under an `orbax` folder."""
+  if record.name != 'asyncio':
     return False
-  traceback = record.exc_info[2]
+  if _ORBAX_DIR in str(record.msg):
+    return True
+  traceback = record.exc_info[2] if record.exc_info else None
   while traceback is not None:
     if _ORBAX_DIR in traceback.tb_frame.f_code.co_filename:
       return True
     traceback = traceback.tb_next
   return False
+
+
+class OrbaxTaskFailuresAsDebug(py_logging.Filter):
+  """On the `asyncio` logger: lowers orbax's unawaited task failures to
+  DEBUG. Orbax reads a checkpoint's arrays in concurrent tasks; when a file
+  is damaged several fail, the first failure propagates (the pipeline names
+  the checkpoint in one warning, or stops with it) and, depending on
+  timing, the others reach asyncio's handler as ERRORs with a TensorStore
+  spec of a hundred lines each — repeats of an error already reported. As
+  DEBUG records they stay in DIR/log.txt and off the console at verbosity
+  0, whichever handler would print them (at interpreter exit, logging's
+  last-resort handler prints WARNING and above)."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    if record.levelno > py_logging.DEBUG and is_orbax_task_failure(record):
+      record.levelno, record.levelname = py_logging.DEBUG, 'DEBUG'
+    return True
 
 
 class ConsoleFormatter(py_logging.Formatter):
@@ -128,11 +149,16 @@ def setup(verbosity: int, handler: py_logging.Handler | None = None,
           logger: py_logging.Logger | None = None,
           quiet_dataset_builds: bool | None = None) -> None:
   """The console filter and format on `handler` (absl's stderr handler),
+  orbax's repeated task failures lowered to DEBUG (OrbaxTaskFailuresAsDebug),
   and a buffer on `logger` (the root logger) that keeps every record until
   `log_to_file` names the file. TFDS progress bars are turned off when
   stderr is not a terminal (`quiet_dataset_builds`; they would print their
   escape codes as lines)."""
   _state['verbosity'] = verbosity
+  asyncio_logger = py_logging.getLogger('asyncio')
+  if not any(isinstance(f, OrbaxTaskFailuresAsDebug)
+             for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(OrbaxTaskFailuresAsDebug())
   handler = handler or logging.get_absl_handler()
   handler.addFilter(ConsoleFilter(verbosity))
   if verbosity < 1:
@@ -147,6 +173,14 @@ def setup(verbosity: int, handler: py_logging.Handler | None = None,
   if quiet_dataset_builds:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     tfds.disable_progress_bar()
+
+
+def report_error(message: str, stream=None) -> None:
+  """An error that ends a command: one `error: <message>` line on stderr
+  (the form every command uses), and the message, as an ERROR record, in
+  the log file only (not a second time on the console)."""
+  logging.error('%s', message, extra={FILE_ONLY: True})
+  print(f'error: {message}', file=stream or sys.stderr, flush=True)
 
 
 def log_file_name(process_index: int) -> str:
@@ -207,12 +241,13 @@ def _prefix() -> str:
 def progress(iterable: Iterable, what: str, total: int,
              count: Callable[[object], int] = lambda _: 1,
              unit: str = 'images', every_s: float = 30.0,
-             stream=None, clock: Callable[[], float] = time.monotonic
-             ) -> Iterator:
-  """Yields `iterable`'s `total` items. On a terminal (at verbosity 0) a
-  bar redrawn in place; otherwise a plain line every `every_s` seconds.
-  When the pass ends, one logged line: how many `unit` (the sum of
-  `count(item)`) in how long."""
+             stream=None, clock: Callable[[], float] = time.monotonic,
+             items: str = 'batches') -> Iterator:
+  """Yields `iterable`'s `total` items (`items`: what they are, in the plain
+  lines). On a terminal (at verbosity 0) a bar redrawn in place; otherwise a
+  plain line every `every_s` seconds. When the pass ends, one logged line:
+  how many `unit` (the sum of `count(item)`) in how long. An item's work
+  (what the loop does with it) is timed with it."""
   stream = stream or sys.stderr
   bar = _isatty(stream) and _state['verbosity'] < 1
   start = last_line = last_draw = clock()
@@ -233,8 +268,8 @@ def progress(iterable: Iterable, what: str, total: int,
       stream.flush()
       last_draw = now
     elif not bar and now - last_line >= every_s and done < total:
-      logging.info('%s %d/%d batches, %s, ETA %s', label, done, total, rate,
-                   duration(eta))
+      logging.info('%s %d/%d %s, %s, ETA %s', label, done, total, items,
+                   rate, duration(eta))
       last_line = now
   if bar:
     stream.write('\r\033[K')
@@ -247,33 +282,49 @@ def progress(iterable: Iterable, what: str, total: int,
 class TrainProgress:
   """One console line per log interval of a training stage: step/total,
   the main losses, images/s and the stage's ETA, from the interval's
-  averaged metrics."""
+  averaged metrics.
+
+  images/s and the ETA are steady-state: the first step a run makes
+  (compiling the step function, and on a resume restoring the state) is left
+  out of the first interval's window (`step_done` marks its end). An interval
+  of that first step alone has no rate: its line and scalars have no
+  images/s and its line no ETA."""
 
   def __init__(self, stage: str, step: int, total: int,
                images_per_step: int, clock: Callable[[], float] = time.time):
     self.stage, self.total = stage, total
     self.images_per_step = images_per_step
     self.clock = clock
-    self.window_start, self.window_first = clock(), step
+    self.window_start, self.window_first = None, step
+
+  def step_done(self, step: int) -> None:
+    """Called after each step, once its result is on the host; the first
+    call starts the timing window."""
+    if self.window_start is None:
+      self.window_start, self.window_first = self.clock(), step
 
   def log(self, step: int, metrics: dict) -> dict:
     """Logs the interval ending at `step`; returns its scalars for the
-    metric writer (`<stage>/<name>`, with `<stage>/images_per_sec`)."""
+    metric writer (`<stage>/<name>`, with `<stage>/images_per_sec` when the
+    interval has a steady-state rate)."""
     now = self.clock()
-    seconds = max(now - self.window_start, 1e-9)
-    steps = max(step - self.window_first, 1)
-    images_per_sec = steps * self.images_per_step / seconds
     scalars = {f'{self.stage}/{k}': float(v) for k, v in metrics.items()}
-    scalars[f'{self.stage}/images_per_sec'] = images_per_sec
     losses = sorted((k for k in metrics if k != 'loss' and (
         'loss' in k or k.startswith('contrastive'))))
     parts = [f'{k} {float(metrics[k]):.4g}' for k in ['loss'] * (
         'loss' in metrics) + losses]
     if 'lr' in metrics:
       parts.append(f'lr {float(metrics["lr"]):.3g}')
-    eta = seconds / steps * (self.total - step)
-    logging.info('%s: step %d/%d  %s  %.1f images/s  ETA %s', self.stage,
-                 step, self.total, '  '.join(parts), images_per_sec,
-                 duration(eta))
+    if self.window_start is not None and step > self.window_first:
+      seconds = max(now - self.window_start, 1e-9)
+      steps = step - self.window_first
+      images_per_sec = steps * self.images_per_step / seconds
+      scalars[f'{self.stage}/images_per_sec'] = images_per_sec
+      eta = seconds / steps * (self.total - step)
+      parts.append(f'{images_per_sec:.1f} images/s  ETA {duration(eta)}')
+    else:
+      parts.append('(first step: compiling)')
+    logging.info('%s: step %d/%d  %s', self.stage, step, self.total,
+                 '  '.join(parts))
     self.window_start, self.window_first = now, step
     return scalars

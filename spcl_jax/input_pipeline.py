@@ -371,14 +371,17 @@ class ColorJitter(grain.transforms.RandomMap):
     return {**element, 'image': image}
 
 
-def scale_crop_flip(image, label, rng, scale_range, crop, flip, fill):
-  """Random scale (image bilinear, label nearest), pad to the crop size
-  (image with `fill`, label with 255), random crop, random horizontal flip."""
+def scale_crop_flip(image, label, rng, scale_range, crop, flip, fill,
+                    interpolation: str = 'bilinear'):
+  """Random scale (the image with `interpolation`, a key of INTERPOLATIONS;
+  the label nearest), pad to the crop size (image with `fill`, label with
+  255), random crop, random horizontal flip."""
   if scale_range is not None:
     s = rng.uniform(*scale_range)
     size = (max(1, int(round(image.shape[0] * s))),
             max(1, int(round(image.shape[1] * s))))
-    image, label = resize_pair(image, label, size)
+    image = _resize(image, size, INTERPOLATIONS[interpolation])
+    label = resize_label(label, size)
   if crop is not None:
     ch, cw = crop
     h, w = label.shape
@@ -405,11 +408,12 @@ class RandomScaleCropFlip(grain.transforms.RandomMap):
   crop: tuple | None
   flip: bool
   fill: tuple  # uint8 RGB used to pad images (the mean colour)
+  interpolation: str = 'bilinear'   # of the image's scaling (INTERPOLATIONS)
 
   def random_map(self, element, rng: np.random.Generator):
     image, label = scale_crop_flip(element['image'], element['label'], rng,
                                    self.scale_range, self.crop, self.flip,
-                                   self.fill)
+                                   self.fill, self.interpolation)
     return {**element, 'image': image, 'label': label}
 
 
@@ -438,7 +442,7 @@ class PipelineSpec:
   num_classes: int = 19
   label_space: str = 'cityscapes19'  # labels.LABEL_SPACES
   size: tuple | None = None          # resize to (height, width) first
-  interpolation: str = 'bilinear'    # of that resize (INTERPOLATIONS)
+  interpolation: str = 'bilinear'    # of every image resize (INTERPOLATIONS)
   resize_label: bool = True          # False: keep labels at full resolution
   color_jitter: tuple | None = None  # (brightness, contrast, saturation, hue)
   scale_range: tuple | None = None   # random scale (low, high)
@@ -465,7 +469,8 @@ def transforms_of(spec: PipelineSpec) -> list:
     fill = tuple(int(round(255 * m)) for m in spec.mean)
     ops.append(RandomScaleCropFlip(
         spec.scale_range and tuple(spec.scale_range),
-        spec.crop and tuple(spec.crop), spec.flip, fill))
+        spec.crop and tuple(spec.crop), spec.flip, fill,
+        spec.interpolation))
   ops.append(Normalize(tuple(spec.mean), tuple(spec.std)))
   return ops
 
@@ -519,11 +524,13 @@ def _pad_batch(batch: dict, size: int) -> dict:
 
 def eval_batches(spec: PipelineSpec, source=None,
                  process_index: int | None = None,
-                 process_count: int | None = None) -> Iterator[dict]:
+                 process_count: int | None = None,
+                 purpose: str = '') -> Iterator[dict]:
   """Every record of the split exactly once (this process's share), in
   local batches padded with `valid=False`, label-255 elements; every process
   yields the same number of batches so that collectives stay in step. The
-  pass reports its progress (`console.progress`)."""
+  pass reports its progress (`console.progress`) as `<split>` or, when a
+  stage reads the split more than once, `<split> <purpose>`."""
   source, process_index, process_count = _resolve(
       spec, source, process_index, process_count)
   local = spec.global_batch_size // process_count
@@ -531,8 +538,9 @@ def eval_batches(spec: PipelineSpec, source=None,
   num_batches = -(-per_process // local)
   return console.progress(
       _eval_batches(spec, source, process_index, process_count, local,
-                    num_batches), spec.split, num_batches,
-      count=lambda batch: int(np.sum(batch['valid'])))
+                    num_batches), ' '.join(filter(None, (spec.split,
+                                                         purpose))),
+      num_batches, count=lambda batch: int(np.sum(batch['valid'])))
 
 
 def _eval_batches(spec, source, process_index, process_count, local,
@@ -573,10 +581,26 @@ def to_global(batch: dict, mesh: jax.sharding.Mesh,
   return out
 
 
+def copy_out_of_shared_memory(batch: dict) -> dict:
+  """`batch` with its arrays in ordinary memory.
+
+  grain's worker processes hand batches over in shared memory blocks, each
+  unlinked when its array is garbage collected. `jax.device_put` of a host
+  array on the CPU backend keeps the array alive in a reference cycle (it
+  aliases the memory), so the blocks of the last batches waited for the
+  cyclic garbage collector, and those still waiting at exit were never
+  unlinked (`resource_tracker: There appear to be N leaked shared_memory
+  objects` after every run with `data.worker_count` > 0). A copy drops the
+  block at once; it costs one memcpy of a batch."""
+  return {k: np.array(v) if isinstance(v, np.ndarray) else v
+          for k, v in batch.items()}
+
+
 class GlobalBatchIterator:
   """Endless iterator of global batches over a `train_loader`, with grain's
   checkpointable state (`get_state()` / `set_state(state)`;
-  `local_iterator` is what grain's orbax handler saves)."""
+  `local_iterator` is what grain's orbax handler saves). `close()` stops
+  the loader's worker processes and unlinks the batches they had ready."""
 
   def __init__(self, loader: grain.DataLoader, mesh: jax.sharding.Mesh,
                keys: Sequence[str] = ('image', 'label')):
@@ -591,7 +615,16 @@ class GlobalBatchIterator:
     return self
 
   def __next__(self) -> dict:
-    return to_global(next(self._iterator), self._mesh, self._keys)
+    return to_global(copy_out_of_shared_memory(next(self._iterator)),
+                     self._mesh, self._keys)
+
+  def close(self) -> None:
+    # grain's DataLoaderIterator has no close(); its dataset iterator does
+    # (idempotent), and is what stops the workers.
+    close = getattr(self._iterator, 'close', None) or getattr(
+        getattr(self._iterator, '_iterator', None), 'close', None)
+    if close is not None:
+      close()
 
   def get_state(self) -> bytes:
     return self._iterator.get_state()

@@ -78,8 +78,7 @@ def main(argv):
   except (pipeline.ConfigMismatchError, pipeline.NonFiniteLossError,
           checkpoint.UnreadableCheckpointError, FileNotFoundError,
           ValueError) as e:
-    logging.error('%s', e)
-    print(f'error: {e}', file=sys.stderr)
+    console.report_error(str(e))   # once on the console, and in log.txt
     sys.exit(1)
 
 

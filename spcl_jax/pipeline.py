@@ -11,7 +11,9 @@ Workdir layout:
   DIR/config.json                the config the workdir was started with
   DIR/report.json                {"stages": {...}, "config": {...}}
   DIR/log.txt                    the full log, appended by every run (main.py)
-  DIR/tensorboard/               CLU metric writer (TensorBoard events)
+  DIR/tensorboard/               CLU metric writer (TensorBoard events):
+                                 losses, mIoU, per-class IoU, images
+                                 (spcl_jax/dashboards.py)
   DIR/<stage>/checkpoints/       train state + data iterators (orbax)
   DIR/<stage>/best/              best-mIoU model of a training stage
   DIR/<stage>/eval_history.json  mIoU of every evaluation of the stage
@@ -45,6 +47,7 @@ import numpy as np
 
 from spcl_jax import checkpoint
 from spcl_jax import console
+from spcl_jax import dashboards
 from spcl_jax import evaluation
 from spcl_jax import input_pipeline as ip
 from spcl_jax import labels as label_table
@@ -81,7 +84,7 @@ STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
 
 # Config keys that may differ when a workdir is resumed.
 _RESUMABLE_CHANGES = ('stages_to_run', 'testing.', 'data.data_dir',
-                      'log_every_steps')
+                      'log_every_steps', 'evaluation.dashboard_images')
 
 
 class Preempted(Exception):
@@ -149,6 +152,10 @@ def validate(config: ml_collections.ConfigDict,
       label_table.class_set_indices(class_set, space)
     except ValueError as e:
       problems.append(f'evaluation.class_sets: {e}')
+  images = config.evaluation.dashboard_images
+  if not (isinstance(images, int) and images >= 0):
+    problems.append(f'evaluation.dashboard_images = {images!r} must be an '
+                    'integer >= 0 (0: no images)')
   if config.stages.spcl.target_mask not in ('offline', 'online'):
     problems.append(f"stages.spcl.target_mask: "
                     f"{config.stages.spcl.target_mask!r}, expected 'offline' "
@@ -488,6 +495,19 @@ def state_digest(state) -> str:
 
 
 def run_train_stage(ctx, stage: Stage) -> dict:
+  """Trains `stage`, evaluating it every `eval_every_steps` (the mIoU in
+  DIR/<stage>/eval_history.json, dashboards in DIR/tensorboard); its data
+  loaders are closed however it ends (their worker processes stopped, the
+  batches they had ready released)."""
+  opened = []
+  try:
+    return _train_stage(ctx, stage, opened)
+  finally:
+    for iterator in opened:
+      iterator.close()
+
+
+def _train_stage(ctx, stage: Stage, opened: list) -> dict:
   config = ctx.config
   cfg = config.stages[stage.name]
   model = train.model_for_stage(config, cfg.bn_trainable)
@@ -496,6 +516,7 @@ def run_train_stage(ctx, stage: Stage) -> dict:
   specs = _train_specs(ctx, stage)
   iterators = {name: ip.GlobalBatchIterator(ip.train_loader(spec), ctx.mesh)
                for name, spec in specs.items()}
+  opened.extend(iterators.values())
   checkpoints = checkpoint.StageCheckpoints(
       ctx.stage_dir(stage.name, 'checkpoints'), config.checkpoint.keep,
       tuple(iterators))
@@ -510,6 +531,8 @@ def run_train_stage(ctx, stage: Stage) -> dict:
   step_fn = jax.jit(_make_step(ctx, stage, model, tx, parts),
                     donate_argnums=0)
   eval_step = jax.jit(train.make_eval_step(eval_model))
+  dashboard = dashboards.Dashboard(config, ctx.data_dir(), ctx.mesh,
+                                   eval_model, stage.name)
   report_progress = periodic_actions.ReportProgress(
       num_train_steps=cfg.steps, writer=ctx.writer)
   step = int(jax.device_get(state.step))
@@ -531,7 +554,8 @@ def run_train_stage(ctx, stage: Stage) -> dict:
     state, metrics = step_fn(state, *[{'image': b['image'],
                                        'label': b['label']} for b in batches])
     step += 1
-    _check_finite(stage.name, step, metrics, checkpoints)
+    _check_finite(stage.name, step, metrics, checkpoints)  # waits for it
+    progress.step_done(step)
     accumulated = metrics if accumulated is None else accumulated.merge(
         metrics)
     report_progress(step)
@@ -548,6 +572,7 @@ def run_train_stage(ctx, stage: Stage) -> dict:
       _crash_after(ctx, f'{stage.name}/eval_history.json')
       ctx.writer.write_scalars(step, {f'{stage.name}/eval_miou':
                                       result['miou']})
+      dashboard.write(ctx.writer, step, state.variables(), result)
       logging.info('%s: step %d mIoU %.2f', stage.name, step, result['miou'])
       best.offer(step, state.variables(), result['miou'])
       _crash_after(ctx, f'{stage.name}/best/{step}')
@@ -655,7 +680,7 @@ def run_pseudo_labels_stage(ctx, stage: Stage) -> dict:
   histogram_step = jax.jit(train.make_histogram_step(model,
                                                      cfg.histogram_bins))
   histogram = np.zeros((model.num_classes, cfg.histogram_bins), np.int64)
-  for batch in ip.eval_batches(spec):
+  for batch in ip.eval_batches(spec, purpose='confidences'):
     histogram += np.asarray(histogram_step(variables, _global(ctx, batch)))
   thresholds = spcl.class_thresholds_from_histogram(
       histogram, cfg.threshold_cap, cfg.threshold_quantile)
@@ -667,7 +692,7 @@ def run_pseudo_labels_stage(ctx, stage: Stage) -> dict:
   with ip.PseudoLabelWriter(directory, jax.process_index(),
                             jax.process_count(),
                             {'model_from': stage.model_from}) as writer:
-    for batch in ip.eval_batches(spec):
+    for batch in ip.eval_batches(spec, purpose='labels'):
       labels = label_step(variables, _global(ctx, batch),
                           jnp.asarray(thresholds))
       local = np.asarray(multihost_utils.global_array_to_host_local_array(
@@ -700,6 +725,9 @@ def run_pseudo_labels_stage(ctx, stage: Stage) -> dict:
             **workdir_lib.read_json(ctx.done_path(stage.model_from)),
             'labels_from': cfg.labels_from,
             'class_thresholds': [float(t) for t in thresholds],
+            'predicted_pixels': dict(zip(
+                label_table.class_names(data.label_space),
+                (int(n) for n in histogram.sum(1)))),
             'pseudo_label_coverage': float(counts[0] / max(counts[1], 1)),
             'pseudo_label_miou_vs_labels': summarize_all(ctx, agreement)[
                 'miou'],

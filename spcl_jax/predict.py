@@ -15,6 +15,8 @@ input OUT gets
   <stem>_overlay.png   the image blended with the colours
   <stem>_labelid.png   with --cityscapes_ids: Cityscapes label ids (what
                        the Cityscapes test server takes)
+The pass over the inputs shows its progress (a bar on a terminal, else a
+line every 30 s, and `<stage>: predict N files in ...` at the end).
 A file that cannot be read as an image is named on stderr and skipped; the
 others are processed and the exit status is 1 at the end. Other errors (no
 such stage: the stages that exist are listed; an output directory that
@@ -32,7 +34,6 @@ console.quiet_native_logs(sys.argv)
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
-from absl import logging
 import jax
 import ml_collections
 import numpy as np
@@ -153,7 +154,6 @@ class Predictor:
       write_pngs(self.output, stem, output_images(
           image, predicted, data.label_space, self.cityscapes_ids))
     self.written += len(group)
-    logging.info('predicted %d images', self.written)
 
 
 def predict(workdir: str, pattern: str, output: str, stage: str | None = None,
@@ -179,15 +179,19 @@ def predict(workdir: str, pattern: str, output: str, stage: str | None = None,
   predictor = Predictor(ctx, model, variables, output, cityscapes_ids,
                         scales, flip)
   failures = []
-  for path in files:
+  console.set_stage(stage)
+  for index, path in enumerate(console.progress(
+      files, 'predict', len(files), unit='files', items='files')):
     try:
       image = read_image(path)
     except (OSError, ValueError) as e:
       failures.append((path, f'{type(e).__name__}: {e}'))
       print(f'error: cannot read {path} as an image ({failures[-1][1]}); '
             'skipped', file=sys.stderr)
-      continue
-    predictor.add(path, image)
+    else:
+      predictor.add(path, image)
+    if index == len(files) - 1:   # the last batches, timed with the pass
+      predictor.flush()
   predictor.flush()
   return stage, predictor.written, failures
 

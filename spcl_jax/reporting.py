@@ -26,13 +26,32 @@ def _prototypes_line(name: str, result: dict) -> str:
           f'{result["model_from"]} model')
 
 
-def _pseudo_labels_line(name: str, result: dict) -> str:
+def _thresholds_summary(result: dict) -> str:
+  """Range and median of the thresholds of the classes the model predicted
+  (a class never predicted has threshold 0: counted, not summarised)."""
   thresholds = np.asarray(result['class_thresholds'], np.float64)
+  pixels = result.get('predicted_pixels')
+  if pixels is not None:
+    predicted = np.array([n > 0 for n in pixels.values()], bool)
+  else:   # written before the pixel counts: 0 means never predicted
+    predicted = thresholds > 0
+  kept = thresholds[predicted]
+  if kept.size:
+    text = (f'class thresholds {kept.min():.3f}..{kept.max():.3f} (median '
+            f'{np.median(kept):.3f}) of the {kept.size} classes predicted')
+  else:
+    text = 'no class predicted'
+  never = thresholds.size - kept.size
+  if never and kept.size:
+    text += f', {never} never predicted'
+  return text
+
+
+def _pseudo_labels_line(name: str, result: dict) -> str:
   line = (f'{name}: {result["labels_from"]} pseudo labels from the '
           f'{result["model_from"]} model on '
           f'{100 * result["pseudo_label_coverage"]:.1f} % of the target '
-          f'pixels, class thresholds {thresholds.min():.3f}..'
-          f'{thresholds.max():.3f} (median {np.median(thresholds):.3f})')
+          f'pixels, {_thresholds_summary(result)}')
   has_labels = any(v is not None for v in result.get(
       'pseudo_label_class_coverage', {}).values())
   if has_labels:

@@ -55,3 +55,12 @@ def smoke_reference(tiny_demo, tmp_path_factory):
       cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True,
       text=True, check=False, env={**os.environ, 'XLA_FLAGS': ''})
   return workdir, result
+
+
+@pytest.fixture
+def smoke_workdir(smoke_reference):
+  """The shared smoke run's workdir, once it is known to have finished."""
+  workdir, result = smoke_reference
+  if result.returncode != 0:
+    raise AssertionError(f'exit {result.returncode}\n{result.stderr[-6000:]}')
+  return workdir

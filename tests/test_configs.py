@@ -11,21 +11,49 @@ from spcl_jax import pipeline
     ('default', ''), ('gta5', ''), ('gta5', 'vgg16'), ('gta5', 'source_only'),
     ('synthia', ''), ('synthia', 'vgg16'), ('synscapes', ''), ('demo', ''),
     ('demo', 'smoke'), ('demo', 'oracle,warmup'), ('demo', 'source_only'),
-    ('demo', 'pretrained,class_balanced'), ('gta5', 'class_balanced')])
+    ('demo', 'pretrained,class_balanced'), ('demo', 'scratch,released_labels'),
+    ('gta5', 'class_balanced')])
 def test_every_config_and_variant_validates(name, args):
   config = importlib.import_module(f'configs.{name}').get_config(args)
   pipeline.validate(config, num_devices=4)  # one GPU node of the paper
 
 
-@pytest.mark.parametrize('name', ['gta5', 'synthia', 'synscapes', 'demo'])
-def test_class_balanced_changes_only_the_self_training_labels(name):
+@pytest.mark.parametrize('name,plain_arg', [
+    ('gta5', ''), ('synthia', ''), ('synscapes', ''),
+    ('demo', 'released_labels')])
+def test_class_balanced_changes_only_the_self_training_labels(name, plain_arg):
   module = importlib.import_module(f'configs.{name}')
-  plain, balanced = module.get_config(), module.get_config('class_balanced')
+  plain = module.get_config(plain_arg)
+  balanced = module.get_config(plain_arg + ',class_balanced')
   assert (balanced.stages.pseudo_labels_2.threshold_quantile,
           balanced.stages.pseudo_labels_2.threshold_cap) == (0.8, 1.0)
   balanced.stages.pseudo_labels_2.threshold_quantile = 0.5
   balanced.stages.pseudo_labels_2.threshold_cap = 0.9
   assert balanced.to_dict() == plain.to_dict()  # nothing else, stage 3 kept
+
+
+def test_demo_defaults_to_the_shipped_backbone_and_class_balanced_labels():
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  config = demo.get_config()
+  assert config.model.pretrained_dir == demo.SHIPPED_PRETRAINED_DIR
+  assert config.model.pretrain_if_missing
+  labels = config.stages.pseudo_labels_2
+  assert (labels.threshold_quantile, labels.threshold_cap) == (0.8, 1.0)
+  # the SPCL stage's offline mask keeps the released rule
+  assert (config.stages.pseudo_labels.threshold_quantile,
+          config.stages.pseudo_labels.threshold_cap) == (0.5, 0.9)
+  assert config.to_dict() == demo.get_config(
+      'pretrained,class_balanced').to_dict()
+  # `scratch,released_labels` is the demo before RESULTS.md §4: it differs
+  # in these fields only
+  old = demo.get_config('scratch,released_labels')
+  assert (old.model.pretrained_dir, old.model.pretrain_if_missing) == (
+      '', False)
+  old.model.pretrained_dir = config.model.pretrained_dir
+  old.model.pretrain_if_missing = True
+  old.stages.pseudo_labels_2.threshold_quantile = 0.8
+  old.stages.pseudo_labels_2.threshold_cap = 1.0
+  assert old.to_dict() == config.to_dict()
 
 
 def test_unknown_config_argument_is_named():

@@ -72,24 +72,60 @@ def _unretrieved_task_failure_record(filename):
   return record
 
 
-def test_filter_hides_orbax_unretrieved_task_failures():
-  orbax_failure = _unretrieved_task_failure_record(
-      '/venv/site-packages/orbax/checkpoint/_src/serialization/'
-      'serialization.py')
-  other_failure = _unretrieved_task_failure_record(
-      '/venv/site-packages/somelib/io.py')
+def test_orbax_unretrieved_task_failures_are_lowered_to_debug():
+  asyncio_logger = py_logging.getLogger('asyncio')
+  lower = console.OrbaxTaskFailuresAsDebug()
+  asyncio_logger.addFilter(lower)
+  try:
+    orbax_failure = _unretrieved_task_failure_record(
+        '/venv/site-packages/orbax/checkpoint/_src/serialization/'
+        'serialization.py')
+    other_failure = _unretrieved_task_failure_record(
+        '/venv/site-packages/somelib/io.py')
+  finally:
+    asyncio_logger.removeFilter(lower)
   for record in (orbax_failure, other_failure):
-    assert record.levelno == py_logging.ERROR
     assert 'never retrieved' in record.getMessage()
+  assert orbax_failure.levelno == py_logging.DEBUG
+  # below what logging's last-resort handler (no handler left) prints
+  assert orbax_failure.levelno < py_logging.lastResort.level
   quiet, verbose = console.ConsoleFilter(0), console.ConsoleFilter(1)
-  assert console.is_orbax_task_failure(orbax_failure)
   assert not quiet.filter(orbax_failure)
   assert verbose.filter(orbax_failure)
-  # any other library's lost task failure stays on the console
-  assert not console.is_orbax_task_failure(other_failure)
+  # any other library's lost task failure stays an ERROR on the console
+  assert other_failure.levelno == py_logging.ERROR
   assert quiet.filter(other_failure)
-  # an orbax error that is not a lost task stays too
-  assert quiet.filter(_record(py_logging.ERROR, ORBAX_FILE, 'save failed'))
+  # recognised by the task's repr alone (no traceback attached) ...
+  assert console.is_orbax_task_failure(_record(
+      py_logging.ERROR, '/usr/lib/python3.11/asyncio/base_events.py',
+      'Task exception was never retrieved\nfuture: <Task finished '
+      'coro=<_read_shard() done, defined at /venv/site-packages/orbax/'
+      'checkpoint/serialization.py:394> exception=ValueError()>',
+      name='asyncio'))
+  # ... and only from asyncio: orbax's own errors stay errors
+  assert not console.is_orbax_task_failure(
+      _record(py_logging.ERROR, ORBAX_FILE, 'save failed', name='orbax'))
+
+
+def test_setup_lowers_orbax_task_failures_once(fresh_state):
+  logger = py_logging.getLogger('test_console.once')
+  logger.propagate = False
+  handler = py_logging.StreamHandler(io.StringIO())
+  asyncio_logger = py_logging.getLogger('asyncio')
+  before = list(asyncio_logger.filters)
+  try:
+    for _ in range(2):
+      console.setup(0, handler=handler, logger=logger,
+                    quiet_dataset_builds=False)
+    added = [f for f in asyncio_logger.filters if f not in before]
+    assert len([f for f in asyncio_logger.filters if isinstance(
+        f, console.OrbaxTaskFailuresAsDebug)]) == 1
+  finally:
+    for f in added:
+      asyncio_logger.removeFilter(f)
+    for h in list(logger.handlers):
+      logger.removeHandler(h)
+      h.close()
 
 
 def test_setup_console_and_log_file(tmp_path, fresh_state):
@@ -192,6 +228,17 @@ def test_progress_plain_lines(caplog, fresh_state):
                       '(3.6 images/s)'
 
 
+def test_progress_names_its_items(caplog, fresh_state):
+  console.set_stage('self_training')
+  with caplog.at_level(py_logging.INFO):
+    list(console.progress(['a.png', 'b.png', 'c.png'], 'predict', 3,
+                          unit='files', items='files', every_s=1.5,
+                          stream=io.StringIO(), clock=_Clock(1.0)))
+  assert [r.getMessage() for r in caplog.records] == [
+      'self_training: predict 2/3 files, 1.0 files/s, ETA 1s',
+      'self_training: predict 3 files in 4s (0.8 files/s)']
+
+
 def test_progress_bar_on_a_terminal(caplog, fresh_state):
 
   class Terminal(io.StringIO):
@@ -213,15 +260,60 @@ def test_progress_bar_on_a_terminal(caplog, fresh_state):
 
 def test_train_progress_line(caplog):
   progress = console.TrainProgress('spcl', 4, 304, 16, clock=_Clock(2.0))
+  progress.step_done(5)   # the window starts once the first step is done
+  for step in (6, 7, 8):
+    progress.step_done(step)
   with caplog.at_level(py_logging.INFO):
     scalars = progress.log(8, {'loss': 7.5, 'seg_loss': 1.5, 'lr': 0.01,
                                'contrastive_source': 2.9, 'grad_norm': 3.0})
-  assert scalars['spcl/images_per_sec'] == pytest.approx(4 * 16 / 2.0)
+  assert scalars['spcl/images_per_sec'] == pytest.approx(3 * 16 / 2.0)
   assert scalars['spcl/grad_norm'] == 3.0
   assert caplog.records[-1].getMessage() == (
       'spcl: step 8/304  loss 7.5  contrastive_source 2.9  seg_loss 1.5  '
-      'lr 0.01  32.0 images/s  ETA 2m28s')
+      'lr 0.01  24.0 images/s  ETA 3m17s')
   assert console.duration(3725) == '1h02m'
+
+
+class _Times:
+  """A clock that returns the given times in turn."""
+
+  def __init__(self, *times):
+    self.times = list(times)
+
+  def __call__(self):
+    return self.times.pop(0)
+
+
+def test_train_progress_leaves_compile_time_out_of_images_per_sec(caplog):
+  # step 1 takes 100 s (compiling), steps 2-4 one second each
+  progress = console.TrainProgress('warmup', 0, 10, 8,
+                                   clock=_Times(100.0, 103.0, 105.0))
+  progress.step_done(1)                       # t = 100
+  for step in (2, 3, 4):
+    progress.step_done(step)
+  with caplog.at_level(py_logging.INFO):
+    first = progress.log(4, {'loss': 1.0})    # t = 103
+    second = progress.log(6, {'loss': 1.0})   # t = 105
+  assert first['warmup/images_per_sec'] == pytest.approx(3 * 8 / 3.0)
+  assert second['warmup/images_per_sec'] == pytest.approx(2 * 8 / 2.0)
+  lines = [r.getMessage() for r in caplog.records]
+  assert lines[0] == 'warmup: step 4/10  loss 1  8.0 images/s  ETA 6s'
+  assert lines[1] == 'warmup: step 6/10  loss 1  8.0 images/s  ETA 4s'
+
+
+def test_train_progress_first_step_alone_has_no_rate(caplog):
+  progress = console.TrainProgress('warmup', 0, 10, 8,
+                                   clock=_Times(100.0, 100.5, 101.5))
+  progress.step_done(1)
+  with caplog.at_level(py_logging.INFO):
+    first = progress.log(1, {'loss': 2.0})     # only the compiling step
+    progress.step_done(2)
+    second = progress.log(2, {'loss': 1.0})
+  assert 'warmup/images_per_sec' not in first
+  assert second['warmup/images_per_sec'] == pytest.approx(8 / 1.0)
+  assert [r.getMessage() for r in caplog.records] == [
+      'warmup: step 1/10  loss 2  (first step: compiling)',
+      'warmup: step 2/10  loss 1  8.0 images/s  ETA 8s']
 
 
 _LOG_LINE = re.compile(r'[IWEF]\d{4} [\d:.]+ +\d+ ([\w.]+):\d+\] (.*)')
@@ -252,5 +344,10 @@ def test_smoke_run_console_is_calm(smoke_reference):
       re.compile(r'\d\d:\d\d:\d\d (?!WARNING |ERROR )(.*)').fullmatch, shown)
           if m]
   assert any('warmup: step 4/4' in line for line in info)
+  # the pseudo-label stage's two passes over target_train say which is which
+  for stage in ('pseudo_labels', 'pseudo_labels_2'):
+    for purpose in ('confidences', 'labels'):
+      assert any(line.startswith(f'{stage}: target_train {purpose} ')
+                 for line in info), (stage, purpose)
   for message in info:
     assert logged.get(message, set()) & project_files, message

@@ -18,11 +18,8 @@ TRAINING_STAGES = ['warmup', 'spcl', 'self_training']
 
 
 @pytest.fixture
-def reference(smoke_reference):
-  workdir, result = smoke_reference
-  if result.returncode != 0:
-    raise AssertionError(f'exit {result.returncode}\n{result.stderr[-6000:]}')
-  return workdir
+def reference(smoke_workdir):
+  return smoke_workdir
 
 
 def _same(a, b):

@@ -190,6 +190,11 @@ def test_stage_without_inputs_says_which_stage_to_run(tiny_demo, tmp_path):
   assert result.returncode == 1
   assert "needs the output of stage 'warmup'" in result.stderr
   assert ':warmup' in result.stderr
+  # said once, as every command says it, and kept in the log file
+  assert result.stderr.count("needs the output of stage 'warmup'") == 1
+  assert "error: stage 'spcl' needs the output" in result.stderr
+  assert "needs the output of stage 'warmup'" in (
+      tmp_path / 'log.txt').read_text()
 
 
 def test_unknown_key_and_wrong_type_fail_before_compiling(tiny_demo,
@@ -288,6 +293,7 @@ def test_vgg16_runs_every_stage(tiny_demo, tmp_path):
   runs, with trainable-BN stages (the smoke config trains BN) included; the
   smoke config's base_width 16 narrows it 4x (fc6/fc7: 256 wide)."""
   _main(tmp_path, tiny_demo, '--config.model.name=deeplabv2_vgg16',
+        '--config.model.pretrained_dir=',
         '--config.chain_model=best',  # also loads the `best` checkpoints
         '--config.stages.warmup.steps=1', '--config.stages.spcl.steps=1',
         '--config.stages.self_training.steps=1',

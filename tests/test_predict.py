@@ -43,6 +43,9 @@ def test_predict_writes_every_output(smoke_reference, tiny_demo, tmp_path):
       env={**os.environ, 'XLA_FLAGS': ''})
   assert result.returncode == 1, result.stderr[-6000:]   # broken.png
   assert 'broken.png' in result.stderr
+  # the pass over the inputs reports its progress (every file, broken too)
+  assert (f'self_training: predict {len(source) + 2} files in '
+          in result.stderr), result.stderr[-3000:]
   stems = [f'{i:03}' for i in range(len(source))] + ['odd_size_grey']
   assert sorted(os.listdir(out)) == sorted(
       f'{s}_{k}.png' for s in stems

@@ -12,6 +12,7 @@ from configs import demo_pretrain
 from spcl_jax import models
 from spcl_jax import pretrain
 from spcl_jax import train
+from spcl_jax import workdir
 
 
 @pytest.fixture(scope='module')
@@ -89,3 +90,28 @@ def test_pretrained_variant_refuses_a_backbone_of_another_width(tmp_path):
                      'deeplabv2_resnet18 at base width 32'):
     train.initial_variables(config, jax.random.key(0))
   assert not os.path.exists(tmp_path / 'weights')
+
+
+def test_shipped_weights_follow_the_recipe_and_load_into_the_demo_model():
+  """configs/demo.py:pretrained reads the weights shipped in weights/: made
+  with configs/demo_pretrain.py as it is (else ensure_pretrained would
+  refuse them), loaded without pretraining or writing anything."""
+  config = demo.get_config('pretrained')
+  directory = config.model.pretrained_dir
+  assert directory == demo.SHIPPED_PRETRAINED_DIR
+  files = sorted(os.path.join(d, f) for d, _, fs in os.walk(directory)
+                 for f in fs)
+  before = [os.stat(f).st_mtime_ns for f in files]
+  metadata = workdir.read_json(os.path.join(directory, 'metadata.json'))
+  assert metadata['val_accuracy'] >= 0.98
+  variables = train.initial_variables(config, jax.random.key(0))
+  fresh = models.init_variables(train.model_for_stage(config, False),
+                                jax.random.key(0))
+  assert [os.stat(f).st_mtime_ns for f in files] == before
+  loaded = flax.traverse_util.flatten_dict(variables['params']['backbone'])
+  initial = flax.traverse_util.flatten_dict(fresh['params']['backbone'])
+  assert loaded.keys() == initial.keys()
+  for path, value in loaded.items():
+    assert np.all(np.isfinite(value)), path
+  assert not np.allclose(loaded[('conv1', 'kernel')],
+                         initial[('conv1', 'kernel')])

@@ -92,6 +92,22 @@ def test_stage_lines_report_what_each_stage_made():
   assert 'mIoU' not in line
   assert '25.0 % of the target pixels' in line and '0.500..0.900' in line
   assert 'pixel precision 91.0 %' in line
+  assert '(median 0.700) of the 3 classes predicted' in line
+  assert 'never predicted' not in line
+  # classes never predicted (threshold 0) are counted, not summarised
+  sparse = {**pseudo, 'class_thresholds': [0.0, 0.6, 0.8, 0.0, 0.75],
+            'predicted_pixels': {'road': 0, 'sidewalk': 5, 'building': 9,
+                                 'wall': 0, 'fence': 3}}
+  line = reporting.stage_line('pseudo_labels', 'pseudo_labels', sparse)
+  assert ('class thresholds 0.600..0.800 (median 0.750) of the 3 classes '
+          'predicted, 2 never predicted') in line, line
+  # a report written before the pixel counts: threshold 0 = never predicted
+  del sparse['predicted_pixels']
+  assert reporting.stage_line('pseudo_labels', 'p', sparse) == line.replace(
+      'pseudo_labels:', 'p:', 1)
+  none = {**sparse, 'class_thresholds': [0.0] * 3}
+  assert 'no class predicted' in reporting.stage_line('pseudo_labels', 'p',
+                                                      none)
   no_labels = {**pseudo, 'pseudo_label_class_coverage': {'road': None}}
   assert 'precision' not in reporting.stage_line('pseudo_labels', 'p',
                                                  no_labels)
