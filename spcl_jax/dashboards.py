@@ -42,10 +42,8 @@ def image_indices(num_records: int, count: int) -> list[int]:
 def class_colors(classes, label_space: str) -> np.ndarray:
   """uint8 [H, W, 3] palette colours of a map of class indices of
   `label_space` (255 and anything outside the space: ignored, black)."""
-  lut = np.full(256, label_table.IGNORE_LABEL, np.uint8)
-  trainids = label_table.space_to_trainids(label_space)
-  lut[:len(trainids)] = trainids
-  return visualize.colorize(lut[np.asarray(classes).astype(np.uint8)])
+  return visualize.colorize(label_table.classes_to_trainids(classes,
+                                                           label_space))
 
 
 def compose(image, predicted, label, label_space: str) -> np.ndarray:

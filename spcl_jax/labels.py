@@ -121,6 +121,15 @@ def space_to_trainids(name: str) -> np.ndarray:
   return np.array(check_label_space(name), np.uint8)
 
 
+def classes_to_trainids(classes, name: str) -> np.ndarray:
+  """uint8 trainId map of a map of class indices of the label space `name`
+  (255, and any value outside the space, stays ignored: 255)."""
+  lut = np.full(256, IGNORE_LABEL, np.uint8)
+  trainids = space_to_trainids(name)
+  lut[:len(trainids)] = trainids
+  return lut[np.asarray(classes).astype(np.uint8)]
+
+
 def class_names(name: str) -> tuple:
   """Class names of the label space `name`, in output order."""
   return tuple(CLASS_NAMES[t] for t in check_label_space(name))

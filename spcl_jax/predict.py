@@ -100,7 +100,7 @@ def preprocess(image: np.ndarray, data: ml_collections.ConfigDict
 def output_images(image: np.ndarray, classes: np.ndarray, label_space: str,
                   cityscapes_ids: bool) -> dict:
   """{file suffix: uint8 array} of one image and its class-index map."""
-  trainids = label_table.space_to_trainids(label_space)[classes]
+  trainids = label_table.classes_to_trainids(classes, label_space)
   colors = visualize.colorize(trainids)
   images = {'trainid': trainids, 'color': colors,
             'overlay': visualize.overlay(image, colors, OVERLAY_ALPHA)}

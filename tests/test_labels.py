@@ -49,3 +49,14 @@ def test_trainids_to_official_label_ids_and_label_space_trainids():
   np.testing.assert_array_equal(labels.space_to_trainids('cityscapes19'),
                                 np.arange(19))
   assert labels.space_to_trainids('synthia16')[9] == 10   # sky
+
+
+def test_class_index_maps_become_trainids_with_ignore_kept():
+  # synthia16: index 9 is sky (trainId 10), 15 bicycle (18); 16 is outside
+  classes = np.array([[0, 9, 15], [16, 255, 2]], np.uint8)
+  np.testing.assert_array_equal(
+      labels.classes_to_trainids(classes, 'synthia16'),
+      [[0, 10, 18], [255, 255, 2]])
+  np.testing.assert_array_equal(
+      labels.classes_to_trainids(classes, 'cityscapes19'),
+      [[0, 9, 15], [16, 255, 2]])
