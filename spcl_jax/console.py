@@ -93,23 +93,40 @@ class ConsoleFilter(py_logging.Filter):
 
 
 _ORBAX_DIR = os.path.join(os.sep, 'orbax', '')
+# TensorStore's wording when it fails to read orbax's checkpoint storage.
+_CHECKPOINT_STORAGE = 'OCDBT database'
 
 
-def is_orbax_task_failure(record: py_logging.LogRecord) -> bool:
-  """asyncio's report of an orbax read or write task whose exception no one
-  awaited ("Task exception was never retrieved", "unhandled exception
-  during asyncio.run() shutdown", ...): the task's repr in the message, or
-  a frame of the exception's traceback, lies under an `orbax` folder."""
-  if record.name != 'asyncio':
-    return False
-  if _ORBAX_DIR in str(record.msg):
-    return True
-  traceback = record.exc_info[2] if record.exc_info else None
+def _traceback_under_orbax(traceback) -> bool:
   while traceback is not None:
     if _ORBAX_DIR in traceback.tb_frame.f_code.co_filename:
       return True
     traceback = traceback.tb_next
   return False
+
+
+def is_orbax_read_failure(exception: BaseException | None) -> bool:
+  """An exception raised inside orbax's code, or TensorStore's error for a
+  damaged file of orbax's checkpoint storage (set on a future by native
+  code: no Python frame to look at)."""
+  return exception is not None and (
+      _traceback_under_orbax(exception.__traceback__)
+      or _CHECKPOINT_STORAGE in str(exception))
+
+
+def is_orbax_task_failure(record: py_logging.LogRecord) -> bool:
+  """asyncio's report of an orbax read or write whose exception no one
+  awaited ("Task exception was never retrieved", "Future exception was
+  never retrieved", "unhandled exception during asyncio.run() shutdown",
+  ...): the task's repr in the message lies under an `orbax` folder, or the
+  exception is an orbax read failure (`is_orbax_read_failure`)."""
+  if record.name != 'asyncio':
+    return False
+  if _ORBAX_DIR in str(record.msg):
+    return True
+  exception = record.exc_info[1] if record.exc_info else None
+  return is_orbax_read_failure(exception) or _traceback_under_orbax(
+      record.exc_info[2] if record.exc_info else None)
 
 
 class OrbaxTaskFailuresAsDebug(py_logging.Filter):
@@ -127,6 +144,30 @@ class OrbaxTaskFailuresAsDebug(py_logging.Filter):
     if record.levelno > py_logging.DEBUG and is_orbax_task_failure(record):
       record.levelno, record.levelname = py_logging.DEBUG, 'DEBUG'
     return True
+
+
+class OrbaxUnraisableAsDebug:
+  """A `sys.unraisablehook` for the other path of the same repeats: an
+  orbax read coroutine abandoned while it awaited a failing read raises
+  again when it is garbage collected, and Python prints "Exception ignored
+  in: <coroutine ...>" with its traceback straight to stderr. When the
+  coroutine's code, or the exception, is orbax's, the report becomes a
+  DEBUG record on the `asyncio` logger (DIR/log.txt); anything else goes
+  to the hook that was installed before."""
+
+  def __init__(self, previous: Callable):
+    self.previous = previous
+
+  def __call__(self, unraisable) -> None:
+    code = getattr(unraisable.object, 'cr_code', None)
+    if ((code is not None and _ORBAX_DIR in code.co_filename)
+        or is_orbax_read_failure(unraisable.exc_value)):
+      py_logging.getLogger('asyncio').debug(
+          'Exception ignored in: %r', unraisable.object, exc_info=(
+              unraisable.exc_type, unraisable.exc_value,
+              unraisable.exc_traceback))
+      return
+    self.previous(unraisable)
 
 
 class ConsoleFormatter(py_logging.Formatter):
@@ -149,7 +190,8 @@ def setup(verbosity: int, handler: py_logging.Handler | None = None,
           logger: py_logging.Logger | None = None,
           quiet_dataset_builds: bool | None = None) -> None:
   """The console filter and format on `handler` (absl's stderr handler),
-  orbax's repeated task failures lowered to DEBUG (OrbaxTaskFailuresAsDebug),
+  orbax's repeated read failures lowered to DEBUG (OrbaxTaskFailuresAsDebug,
+  OrbaxUnraisableAsDebug),
   and a buffer on `logger` (the root logger) that keeps every record until
   `log_to_file` names the file. TFDS progress bars are turned off when
   stderr is not a terminal (`quiet_dataset_builds`; they would print their
@@ -159,6 +201,8 @@ def setup(verbosity: int, handler: py_logging.Handler | None = None,
   if not any(isinstance(f, OrbaxTaskFailuresAsDebug)
              for f in asyncio_logger.filters):
     asyncio_logger.addFilter(OrbaxTaskFailuresAsDebug())
+  if not isinstance(sys.unraisablehook, OrbaxUnraisableAsDebug):
+    sys.unraisablehook = OrbaxUnraisableAsDebug(sys.unraisablehook)
   handler = handler or logging.get_absl_handler()
   handler.addFilter(ConsoleFilter(verbosity))
   if verbosity < 1:

@@ -7,6 +7,7 @@ import io
 import logging as py_logging
 import os
 import re
+import sys
 
 from absl import logging
 import pytest
@@ -107,12 +108,109 @@ def test_orbax_unretrieved_task_failures_are_lowered_to_debug():
       _record(py_logging.ERROR, ORBAX_FILE, 'save failed', name='orbax'))
 
 
+def _unretrieved_future_failure_record(message):
+  """The record asyncio logs for a future whose exception no one retrieved,
+  the exception set from outside Python (as TensorStore's reads do)."""
+  records = []
+  asyncio_logger = py_logging.getLogger('asyncio')
+  collect = py_logging.Handler()
+  collect.emit = records.append
+  asyncio_logger.addHandler(collect)
+  loop = asyncio.new_event_loop()
+  try:
+    loop.create_future().set_exception(ValueError(message))
+    gc.collect()
+  finally:
+    loop.close()
+    asyncio_logger.removeHandler(collect)
+  (record,) = records
+  return record
+
+
+def test_orbax_unretrieved_future_failures_are_lowered_to_debug():
+  """The CI failure of stop 19: TensorStore's read futures of a damaged
+  checkpoint carry no Python frame and no orbax path; their error names
+  the OCDBT database of orbax's checkpoint storage."""
+  asyncio_logger = py_logging.getLogger('asyncio')
+  lower = console.OrbaxTaskFailuresAsDebug()
+  asyncio_logger.addFilter(lower)
+  try:
+    storage_failure = _unretrieved_future_failure_record(
+        'OUT_OF_RANGE: Error reading "params.conv1.kernel/0.0.0.0" in OCDBT '
+        'database at local file "/w/spcl/checkpoints/4/state/": Requested '
+        'byte range [3584169, 3721155) is not valid for value of size 19420')
+    other_failure = _unretrieved_future_failure_record(
+        'OUT_OF_RANGE: Requested byte range is not valid')
+  finally:
+    asyncio_logger.removeFilter(lower)
+  for record in (storage_failure, other_failure):
+    assert 'Future exception was never retrieved' in record.getMessage()
+  assert storage_failure.levelno == py_logging.DEBUG
+  assert other_failure.levelno == py_logging.ERROR
+
+
+def _unraisable_from_abandoned_coroutine(filename):
+  """What `sys.unraisablehook` receives when a coroutine compiled as if it
+  lived in `filename`, suspended in an await, is garbage collected and
+  raises while closing (orbax's read coroutines of a damaged checkpoint)."""
+  code = compile(
+      'class Pending:\n'
+      '  def __await__(self):\n'
+      '    yield\n'
+      'async def read_array_index():\n'
+      '  try:\n'
+      '    await Pending()\n'
+      '  finally:\n'
+      '    raise Exception("Encountered error while reading array index")\n',
+      filename, 'exec')
+  namespace = {}
+  exec(code, namespace)  # pylint: disable=exec-used
+  passed_on, debug_records = [], []
+  asyncio_logger = py_logging.getLogger('asyncio')
+  collect = py_logging.Handler()
+  collect.emit = debug_records.append
+  asyncio_logger.addHandler(collect)
+  level = asyncio_logger.level
+  asyncio_logger.setLevel(py_logging.DEBUG)
+  saved_hook = sys.unraisablehook
+  sys.unraisablehook = console.OrbaxUnraisableAsDebug(
+      lambda unraisable: passed_on.append(repr(unraisable.object)))
+  try:
+    coroutine = namespace['read_array_index']()
+    coroutine.send(None)
+    del coroutine
+    gc.collect()
+  finally:
+    sys.unraisablehook = saved_hook
+    asyncio_logger.setLevel(level)
+    asyncio_logger.removeHandler(collect)
+  return passed_on, debug_records
+
+
+def test_orbax_abandoned_coroutines_are_logged_as_debug():
+  passed_on, records = _unraisable_from_abandoned_coroutine(
+      '/venv/site-packages/orbax/checkpoint/_src/serialization/'
+      'serialization.py')
+  assert passed_on == []
+  (record,) = records
+  assert record.levelno == py_logging.DEBUG
+  assert 'Exception ignored in: <coroutine object' in record.getMessage()
+  assert record.exc_info[1].args == (
+      'Encountered error while reading array index',)
+  # another library's goes on to the hook that was there before
+  passed_on, records = _unraisable_from_abandoned_coroutine(
+      '/venv/site-packages/somelib/io.py')
+  assert records == [] and len(passed_on) == 1
+  assert 'read_array_index' in passed_on[0]
+
+
 def test_setup_lowers_orbax_task_failures_once(fresh_state):
   logger = py_logging.getLogger('test_console.once')
   logger.propagate = False
   handler = py_logging.StreamHandler(io.StringIO())
   asyncio_logger = py_logging.getLogger('asyncio')
   before = list(asyncio_logger.filters)
+  saved_hook = sys.unraisablehook
   try:
     for _ in range(2):
       console.setup(0, handler=handler, logger=logger,
@@ -120,7 +218,11 @@ def test_setup_lowers_orbax_task_failures_once(fresh_state):
     added = [f for f in asyncio_logger.filters if f not in before]
     assert len([f for f in asyncio_logger.filters if isinstance(
         f, console.OrbaxTaskFailuresAsDebug)]) == 1
+    assert isinstance(sys.unraisablehook, console.OrbaxUnraisableAsDebug)
+    assert not isinstance(sys.unraisablehook.previous,
+                          console.OrbaxUnraisableAsDebug)
   finally:
+    sys.unraisablehook = saved_hook
     for f in added:
       asyncio_logger.removeFilter(f)
     for h in list(logger.handlers):
