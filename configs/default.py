@@ -27,6 +27,12 @@ def _sgd(lr, steps, schedule_steps):
       'poly_power': 0.9,
       'steps': steps,
       'schedule_steps': schedule_steps,
+      # k: the step computes its global batch in k sequential micro-batches
+      # (each 1/k of every per-device batch; k must divide them) and applies
+      # one update. With frozen BatchNorm the update equals k = 1's; with
+      # trainable BatchNorm each micro-batch is normalised by its own
+      # statistics (README, "Memory: micro-batches and rematerialisation").
+      'micro_batches': 1,
   })
 
 
@@ -61,6 +67,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Initialisation of the fresh discriminator and VGG fc6/fc7: 'flax'
       # (kaiming-normal, zero bias) or 'torch' (PyTorch's defaults, released).
       'layer_init': 'flax',
+      # 'blocks': recompute every residual / VGG block's activations in the
+      # backward pass instead of storing them (less memory, ~1/3 more
+      # compute; same gradients); 'none': store them.
+      'remat': 'none',
   })
   c.discriminator = ml_collections.ConfigDict({
       'widths': (64, 128, 256, 512),
@@ -184,7 +194,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log_every_steps = 50
 
   # Test hooks, never set in a run. Deterministic preemption: the process
-  # sends itself SIGTERM when `sigterm_stage` reaches step `sigterm_at_step`.
+  # sends itself SIGTERM when `sigterm_stage` reaches step `sigterm_at_step`
+  # (in a prototypes or pseudo-label stage: before that batch of its passes).
   # Deterministic crash: the process sends itself SIGKILL right after the
   # write named by `crash_after_write` (workdir-relative: '<stage>/
   # checkpoints/<step>', '<stage>/best/<step>', '<stage>/eval_history.json',

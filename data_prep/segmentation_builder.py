@@ -10,10 +10,18 @@ Defects, all listed in the build log and in the dataset's metadata
   * missing pairs (an image without its label, or the reverse): skipped;
   * image / label size mismatches: the label is resized to the image's size
     with nearest neighbour (GTA5 has a few);
-  * label ids outside the dataset's label table: counted per id and mapped
-    to 255;
+  * label ids outside the dataset's label table (or, for colour-coded
+    labels, colours outside the label map): counted per id / colour and
+    mapped to 255;
   * unreadable files: the build fails naming every such file, unless
-    `skip_corrupt=True` (`--skip_corrupt`) records and skips them.
+    `skip_corrupt=True` (`--skip_corrupt`) records and skips them;
+  * a label file of the wrong kind for its label table (a colour image
+    where ids are expected, or the reverse): the build fails naming it.
+
+Each split's metadata also says whether the split has labels
+(`has_labels`): a split built without them (Cityscapes `test`, an
+images-only folder split) stores all-255 labels, and evaluating on it is
+refused (`spcl_jax.input_pipeline.check_labelled`).
 """
 
 import abc
@@ -38,6 +46,11 @@ IGNORE = 255
 
 class LayoutError(FileNotFoundError):
   """The manual directory does not hold the expected layout."""
+
+
+class LabelFormatError(ValueError):
+  """A label file of the wrong kind for the label table (never skipped:
+  every label of the dataset would be)."""
 
 
 class ManualFiles:
@@ -71,8 +84,8 @@ class ManualFiles:
         p.startswith(prefix) for p in self._zips)
 
   def list(self, prefix: str, suffix: str) -> list[str]:
-    """Sorted paths under `prefix` ending in `suffix`."""
-    prefix = prefix.rstrip('/') + '/'
+    """Sorted paths under `prefix` ('': every file) ending in `suffix`."""
+    prefix = prefix.rstrip('/') + '/' if prefix else ''
     return sorted({p for p in (*self._files, *self._zips)
                    if p.startswith(prefix) and p.endswith(suffix)})
 
@@ -105,13 +118,16 @@ class BuildReport:
     self.size_mismatch: list[str] = []
     self.unreadable: list[str] = []
     self.out_of_table = collections.Counter()
+    self.colors_outside_map = collections.Counter()  # 'R,G,B' -> pixels
 
   def as_metadata(self) -> dict:
     return {'missing_pairs': list(self.missing),
             'resized_labels': list(self.size_mismatch),
             'skipped_unreadable': list(self.unreadable),
             'label_ids_outside_table': {str(k): int(v) for k, v in
-                                        sorted(self.out_of_table.items())}}
+                                        sorted(self.out_of_table.items())},
+            'label_colors_outside_map': dict(sorted(
+                self.colors_outside_map.items()))}
 
   def log(self, dataset: str, split: str) -> None:
     if self.missing:
@@ -125,6 +141,10 @@ class BuildReport:
       logging.warning('%s/%s: label ids outside the table, mapped to 255 '
                       '(id: pixels): %s', dataset, split,
                       dict(sorted(self.out_of_table.items())))
+    if self.colors_outside_map:
+      logging.warning('%s/%s: label colours outside the label map, mapped to '
+                      '255 (R,G,B: pixels): %s', dataset, split,
+                      dict(sorted(self.colors_outside_map.items())))
     if self.unreadable:
       logging.warning('%s/%s: unreadable files skipped: %s', dataset, split,
                       ', '.join(self.unreadable))
@@ -232,7 +252,7 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
     self._reports[split] = report
     for pair in self._pairs(files, split):
       if pair.image is None or (pair.label is None and self._has_labels(split)):
-        report.missing.append(pair.image_id)
+        report.missing.append(self._describe_missing(pair))
         continue
       try:
         image_png, size = read_rgb(files.read(pair.image))
@@ -244,6 +264,9 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
       else:
         try:
           label = self._train_ids(files.read(pair.label), report)
+        except LabelFormatError as e:
+          raise LabelFormatError(f'{self.name}/{split}: '
+                                 f'{files.describe(pair.label)}: {e}') from e
         except Exception as e:  # pylint: disable=broad-except
           report.unreadable.append(f'{files.describe(pair.label)} ({e})')
           continue
@@ -259,11 +282,16 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
       raise OSError(f'{self.name}/{split}: {len(report.unreadable)} unreadable '
                     'files (rebuild with --skip_corrupt to skip them):\n  '
                     + '\n  '.join(report.unreadable))
-    self.info.metadata[split] = report.as_metadata()
+    self.info.metadata[split] = {**report.as_metadata(),
+                                 'has_labels': self._has_labels(split)}
 
   def _has_labels(self, split: str) -> bool:
     del split
     return True
+
+  def _describe_missing(self, pair: Pair) -> str:
+    """How a missing pair is listed in the log and the metadata."""
+    return pair.image_id
 
 
 def pairs_by_stem(images: list[str], labels: list[str], image_suffix: str,
@@ -271,8 +299,26 @@ def pairs_by_stem(images: list[str], labels: list[str], image_suffix: str,
   """Pairs image and label files whose names, less the suffixes, agree."""
   def stem(path, suffix):
     return os.path.basename(path)[:-len(suffix)]
-  by_image = {stem(p, image_suffix): p for p in images}
-  by_label = {stem(p, label_suffix): p for p in labels}
+  by_image = unique_keys({stem(p, image_suffix): p for p in images}, images,
+                         lambda p: stem(p, image_suffix), 'image')
+  by_label = unique_keys({stem(p, label_suffix): p for p in labels}, labels,
+                         lambda p: stem(p, label_suffix), 'label')
   return [Pair(i, by_image.get(i), by_label.get(i))
           for i in sorted(set(by_image) | set(by_label),
                           key=lambda s: (len(s), s))]
+
+
+def unique_keys(by_key: dict, paths: list[str], key, kind: str) -> dict:
+  """`by_key` ({key(path): path}) if no two `paths` share a key; otherwise a
+  LayoutError naming the files that do (one would silently replace the
+  other)."""
+  if len(by_key) == len(paths):
+    return by_key
+  groups = collections.defaultdict(list)
+  for path in paths:
+    groups[key(path)].append(path)
+  clashes = [f'{k}: {", ".join(v)}' for k, v in sorted(groups.items())
+             if len(v) > 1]
+  raise LayoutError(f'{len(clashes)} {kind} names are not unique (each '
+                    f'{kind} must have its own name):\n  '
+                    + '\n  '.join(clashes))

@@ -97,6 +97,7 @@ def evaluate(workdir: str, stage: str | None = None,
   ctx = trained_model.context(config, workdir, checkpoint)
   model_dir = trained_model.model_directory(ctx, stage)
   ip.open_source(dataset, split, data_dir)   # built, and has the split
+  ip.check_labelled(dataset, split, data_dir)   # and labels
   output = trained_model.check_output_dir(output or default_output(
       workdir, stage, checkpoint, dataset, split, flip, scales))
 

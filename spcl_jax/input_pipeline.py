@@ -10,9 +10,12 @@ sharded over the mesh. Elements leave the transforms as
 evaluation batches.
 
 Randomness comes from grain's per-record generators, seeded by the sampler's
-seed and the record's position in the stream: the same seed gives the same
-batches whatever the number of worker processes, and a restored iterator
-state continues exactly where it stopped.
+seed and the record's position in the stream. The same seed gives the same
+global batches whatever the number of processes (each reads its slice of
+one stream: `ProcessSliceSampler`), and a restored iterator state continues
+exactly where it stopped. The number of grain worker processes
+(`data.worker_count`) changes which records of the stream share a batch
+(each worker batches its own records): keep it to reproduce a run.
 """
 
 import dataclasses
@@ -45,6 +48,10 @@ class DatasetNotBuiltError(FileNotFoundError):
 
 def build_command(dataset: str, data_dir: str) -> str:
   name, _, config = dataset.partition('/')
+  from data_prep import builders  # pylint: disable=g-import-not-at-top
+  if name not in builders.DATASETS:   # a folder of the user's images
+    return (f'python -m data_prep.build --dataset folder --name {name} '
+            f'--manual_dir FOLDER --data_dir {data_dir}')
   config_flag = f' --config {config}' if config else ''
   manual = '' if name == 'sim2real_demo' else ' --manual_dir DOWNLOAD_DIR'
   return (f'python -m data_prep.build --dataset {name}{config_flag} '
@@ -85,6 +92,32 @@ def open_source(dataset: str, split: str, data_dir: str):
     raise ValueError(f'dataset {dataset!r} in {builder.data_dir} has no split '
                      f'{split!r}; it has {sorted(builder.info.splits)}')
   return builder.as_data_source(split=split)
+
+
+class UnlabelledSplitError(ValueError):
+  """Evaluation asked of a split built without labels."""
+
+
+def check_labelled(dataset: str, split: str, data_dir: str) -> None:
+  """Refuses to evaluate on a split built without labels (stored as all
+  255; `has_labels: False` in the build's metadata, data_prep/
+  segmentation_builder.py): its mIoU would be computed over no pixels. A
+  dataset that is not built is left to `open_source` to report."""
+  try:
+    directory = dataset_directory(dataset, data_dir)
+  except DatasetNotBuiltError:
+    return
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  metadata = tfds.builder_from_directory(directory).info.metadata or {}
+  entry = metadata.get(split)
+  if isinstance(entry, dict) and entry.get('has_labels') is False:
+    labelled = sorted(name for name, value in metadata.items()
+                      if isinstance(value, dict) and value.get('has_labels'))
+    raise UnlabelledSplitError(
+        f'cannot evaluate on split {split!r} of dataset {dataset!r}: it was '
+        f'built without labels (images only; every label is 255, '
+        f'{directory}). Evaluate on a labelled split instead '
+        f'(data.val_split, or --split): {labelled or "none in this dataset"}')
 
 
 # -------------------------------------------------------- pseudo labels ----
@@ -487,26 +520,68 @@ def _resolve(spec, source, process_index, process_count):
 def train_loader(spec: PipelineSpec, source=None,
                  process_index: int | None = None,
                  process_count: int | None = None) -> grain.DataLoader:
-  """An endless, shuffled, per-process-sharded loader of local batches."""
+  """An endless, shuffled loader of this process's slices of the global
+  batches (`ProcessSliceSampler`)."""
   source, process_index, process_count = _resolve(
       spec, source, process_index, process_count)
   local = spec.global_batch_size // process_count
   if local * process_count != spec.global_batch_size:
     raise ValueError(f'global batch size {spec.global_batch_size} is not '
                      f'divisible by the {process_count} processes')
-  sampler = grain.samplers.IndexSampler(
-      len(source), shard_options=grain.sharding.ShardOptions(
-          process_index, process_count, drop_remainder=True),
-      shuffle=spec.shuffle, num_epochs=None, seed=spec.seed)
+  one_stream = grain.sharding.ShardOptions(0, 1, drop_remainder=True)
+  sampler = ProcessSliceSampler(
+      grain.samplers.IndexSampler(
+          len(source), shard_options=one_stream, shuffle=spec.shuffle,
+          num_epochs=None, seed=spec.seed),
+      local_batch_size=local, process_index=process_index,
+      process_count=process_count, worker_count=spec.worker_count)
   if spec.worker_count and not flags.FLAGS.is_parsed():
     # grain's worker processes read absl flags; outside `app.run` (tests,
     # notebooks) the defaults are what we want.
     flags.FLAGS.mark_as_parsed()
   return grain.DataLoader(
-      data_source=source, sampler=sampler,
+      data_source=source, sampler=sampler, shard_options=one_stream,
       operations=transforms_of(spec) + [grain.transforms.Batch(
           local, drop_remainder=True)],
       worker_count=spec.worker_count)
+
+
+class ProcessSliceSampler:
+  """Process `process_index`'s part of one process's record stream, so that
+  the global batches (and every record's random transform) are the same
+  whatever the number of processes: a resumed or rescaled run reads what a
+  one-process run reads.
+
+  grain's loader asks the sampler for stream positions j = 0, 1, ...; with
+  W workers (W = 1 without), worker w = j mod W batches its own positions,
+  and the loader hands out worker batches in turn. Position j is element i
+  of local batch k of worker w (r = j // W, k, i = divmod(r, L)), i.e. of
+  the loader's batch n = k W + w; one process of global batch G = L P
+  reads, as element p L + i of its batch n, stream position
+  w + W (k G + p L + i). With one process that is j itself."""
+
+  def __init__(self, sampler, *, local_batch_size: int, process_index: int,
+               process_count: int, worker_count: int):
+    self.sampler = sampler
+    self.local_batch_size = local_batch_size
+    self.process_index = process_index
+    self.process_count = process_count
+    self.workers = max(worker_count, 1)
+
+  def __len__(self) -> int:
+    return len(self.sampler)
+
+  def __getitem__(self, position: int):
+    worker, r = position % self.workers, position // self.workers
+    k, i = divmod(r, self.local_batch_size)
+    local = self.local_batch_size
+    return self.sampler[worker + self.workers * (
+        (k * self.process_count + self.process_index) * local + i)]
+
+  def __repr__(self) -> str:   # stored in grain's iterator state
+    return (f'ProcessSliceSampler({self.sampler!r}, local_batch_size='
+            f'{self.local_batch_size}, process_index={self.process_index}, '
+            f'process_count={self.process_count}, workers={self.workers})')
 
 
 def _pad_batch(batch: dict, size: int) -> dict:

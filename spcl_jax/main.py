@@ -32,6 +32,7 @@ from ml_collections import config_flags
 
 from spcl_jax import checkpoint
 from spcl_jax import pipeline
+from spcl_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file[:args]',
                                           lock_config=True)
@@ -60,6 +61,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   console.setup(flags.FLAGS.verbosity)
+  try:
+    workdir_lib.check_local_path('--workdir', _WORKDIR.value)
+    workdir_lib.check_local_path('--config.data.data_dir',
+                                 _CONFIG.value.data.data_dir)
+  except ValueError as e:
+    console.report_error(str(e))
+    sys.exit(1)
   # clu's writers import TensorFlow: keep it off the accelerators.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')

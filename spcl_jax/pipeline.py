@@ -84,7 +84,11 @@ STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
 
 # Config keys that may differ when a workdir is resumed.
 _RESUMABLE_CHANGES = ('stages_to_run', 'testing.', 'data.data_dir',
-                      'log_every_steps', 'evaluation.dashboard_images')
+                      'log_every_steps', 'evaluation.dashboard_images',
+                      'model.remat')   # the same gradients, less memory
+# Fields added after workdirs were written, with the value that reproduces
+# what those workdirs ran: absent there and this value here is no change.
+_ADDED_FIELDS = {'model.remat': 'none', 'micro_batches': 1}
 
 
 class Preempted(Exception):
@@ -195,6 +199,7 @@ def validate(config: ml_collections.ConfigDict,
     if value <= 0 or value % devices:
       problems.append(f'stages.{stage}.{key} = {value} must be a positive '
                       f'multiple of the {devices} devices')
+  problems.extend(train.memory_config_problems(config, devices))
   if config.data.eval_batch_size % devices:
     problems.append(f'data.eval_batch_size = {config.data.eval_batch_size} '
                     f'must be a multiple of the {devices} devices')
@@ -221,6 +226,12 @@ def config_to_json(config) -> dict:
   return json.loads(json.dumps(config.to_dict(), default=list))
 
 
+def _added_with_old_value(key: str, old: dict, new: dict) -> bool:
+  return key not in old and any(
+      (key == field or key.endswith('.' + field)) and new.get(key) == value
+      for field, value in _ADDED_FIELDS.items())
+
+
 def check_workdir_config(config, workdir: str,
                          allow_config_change: bool) -> None:
   """Refuses to resume a workdir written by a different config."""
@@ -233,7 +244,8 @@ def check_workdir_config(config, workdir: str,
     differing = sorted(
         key for key in set(old) | set(new)
         if old.get(key) != new.get(key)
-        and not any(key == p or key.startswith(p) for p in _RESUMABLE_CHANGES))
+        and not any(key == p or key.startswith(p) for p in _RESUMABLE_CHANGES)
+        and not _added_with_old_value(key, old, new))
     if differing and not allow_config_change:
       lines = [f'  {key}: {old.get(key, "<absent>")!r} -> '
                f'{new.get(key, "<absent>")!r}' for key in differing]
@@ -254,6 +266,7 @@ class Context:
   mesh: jax.sharding.Mesh
   writer: metric_writers.MetricWriter
   preempted: bool = False
+  pass_batches_done: int = 0   # by `pass_batches`, for the SIGTERM hook
 
   def stage_dir(self, name: str, *parts: str) -> str:
     return os.path.join(self.workdir, name, *parts)
@@ -367,13 +380,34 @@ def _global(ctx, batch):
 
 # ---------------------------------------------------------------- evaluate --
 
-def evaluate(ctx, model, variables, eval_step) -> dict:
+def pass_batches(ctx, stage_name: str, spec: ip.PipelineSpec, **kw):
+  """The batches of one pass over a split (evaluation, prototypes, pseudo
+  labels), stopping between two batches once any process got SIGTERM: the
+  pass is lost (nothing of it is kept) and runs again on the next run. In
+  tests, `testing.sigterm_stage` = a pass stage's name sends SIGTERM before
+  its batch number `testing.sigterm_at_step` (counted over its passes)."""
+  testing = ctx.config.testing
+  hooked = (testing.sigterm_stage == stage_name in STAGE_BY_NAME
+            and STAGE_BY_NAME[stage_name].kind != 'train')  # there: steps
+  for batch in ip.eval_batches(spec, **kw):
+    if hooked:
+      if ctx.pass_batches_done == testing.sigterm_at_step:
+        os.kill(os.getpid(), signal.SIGTERM)
+      ctx.pass_batches_done += 1
+    if _any_process(ctx.preempted):
+      raise Preempted(f'{stage_name} preempted during its pass over '
+                      f'{spec.dataset} {spec.split}; the pass runs again')
+    yield batch
+
+
+def evaluate(ctx, model, variables, eval_step, stage_name: str = '') -> dict:
   """Target validation split: confusion matrix over the whole split."""
   data = ctx.config.data
+  ip.check_labelled(data.target, data.val_split, ctx.data_dir())
   spec = _eval_spec(ctx, data.target, data.val_split, data.eval_size,
                     data.eval_batch_size, resize_label=False)
   confusion = np.zeros((model.num_classes,) * 2, np.int64)
-  for batch in ip.eval_batches(spec):
+  for batch in pass_batches(ctx, stage_name or 'evaluation', spec):
     confusion += np.asarray(eval_step(variables, _global(ctx, batch)))
   return summarize_all(ctx, confusion)
 
@@ -565,7 +599,8 @@ def _train_stage(ctx, stage: Stage, opened: list) -> dict:
       ctx.writer.write_scalars(step, scalars)
       accumulated = None
     if step % cfg.eval_every_steps == 0 or step == cfg.steps:
-      result = evaluate(ctx, eval_model, state.variables(), eval_step)
+      result = evaluate(ctx, eval_model, state.variables(), eval_step,
+                        stage.name)
       history.append({'step': step, 'miou': result['miou']})
       if jax.process_index() == 0:
         workdir_lib.write_json(history_path, history)
@@ -598,7 +633,8 @@ def _train_stage(ctx, stage: Stage, opened: list) -> dict:
                          state.prototype_bank)
     _crash_after(ctx, f'{stage.name}/prototypes')
   if result is None:  # resumed at the last step: its evaluation is not kept
-    result = evaluate(ctx, eval_model, state.variables(), eval_step)
+    result = evaluate(ctx, eval_model, state.variables(), eval_step,
+                      stage.name)
   best_step = best.manager.best_step()
   checkpoints.close()
   best.close()
@@ -622,9 +658,12 @@ def run_prototypes_stage(ctx, stage: Stage) -> dict:
   init_step = jax.jit(train.make_prototype_init_step(model))
   sums = spcl.PrototypeInitSums.zeros(config.model.num_classes,
                                       _num_features(model))
-  for batch in ip.eval_batches(spec):
+  for batch in pass_batches(ctx, stage.name, spec):
     sums = sums.merge(init_step(variables, _global(ctx, batch)))
-  bank = spcl.prototype_bank_from_sums(sums)
+  # replicated over the mesh as one global array: with several processes,
+  # orbax refuses a host-local one (process 0 alone would own the file)
+  bank = jax.device_put(jax.device_get(spcl.prototype_bank_from_sums(sums)),
+                        sharding_lib.replicated(ctx.mesh))
   checkpoint.save_tree(ctx.stage_dir(stage.name, 'prototypes'), bank)
   _crash_after(ctx, f'{stage.name}/prototypes')
   images = np.asarray(sums.num_images)
@@ -680,7 +719,7 @@ def run_pseudo_labels_stage(ctx, stage: Stage) -> dict:
   histogram_step = jax.jit(train.make_histogram_step(model,
                                                      cfg.histogram_bins))
   histogram = np.zeros((model.num_classes, cfg.histogram_bins), np.int64)
-  for batch in ip.eval_batches(spec, purpose='confidences'):
+  for batch in pass_batches(ctx, stage.name, spec, purpose='confidences'):
     histogram += np.asarray(histogram_step(variables, _global(ctx, batch)))
   thresholds = spcl.class_thresholds_from_histogram(
       histogram, cfg.threshold_cap, cfg.threshold_quantile)
@@ -692,7 +731,7 @@ def run_pseudo_labels_stage(ctx, stage: Stage) -> dict:
   with ip.PseudoLabelWriter(directory, jax.process_index(),
                             jax.process_count(),
                             {'model_from': stage.model_from}) as writer:
-    for batch in ip.eval_batches(spec, purpose='labels'):
+    for batch in pass_batches(ctx, stage.name, spec, purpose='labels'):
       labels = label_step(variables, _global(ctx, batch),
                           jnp.asarray(thresholds))
       local = np.asarray(multihost_utils.global_array_to_host_local_array(
@@ -819,6 +858,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                             else str(v)
                             for k, v in _flatten(config_to_json(config)).items()})
     _ensure_demo_data(ctx)
+    if any(STAGE_BY_NAME[n].kind == 'train' for n in config.stages_to_run):
+      ip.check_labelled(config.data.target, config.data.val_split,
+                        ctx.data_dir())   # before training, not at its end
     results = {}
     for stage in STAGES:
       if stage.name not in config.stages_to_run:

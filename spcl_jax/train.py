@@ -5,6 +5,19 @@ compiled once with `jax.jit` (state donated). Parameters, optimiser states
 and the prototype bank are replicated over the mesh, batches are sharded
 along it; class sums, counts, BN statistics and confusion matrices are
 therefore reductions over the global batch (XLA inserts the collectives).
+
+Gradient accumulation (`stages.<stage>.micro_batches = k`): a step computes
+its global batch in k micro-batches one after the other (`jax.lax.scan`) and
+applies one update. Every loss is a mean over the pixels (or discriminator
+outputs) of the global batch, so each micro-batch contributes its mean
+weighted by its share of those pixels; prototype class sums and counts are
+summed over the micro-batches. With frozen BatchNorm the step therefore
+equals the k = 1 step up to float rounding. With trainable BatchNorm each
+micro-batch is normalised by its own batch statistics (not the global
+batch's), so the gradients differ from k = 1; the BN running statistics
+after the step are the mean over the micro-batches of those each
+micro-batch's forward passes would leave (`split_micro_batches` says which
+images form a micro-batch).
 """
 
 from typing import Any, Callable
@@ -108,6 +121,109 @@ SELF_TRAINING_METRICS = ('loss', 'seg_loss', 'source_seg_loss', 'grad_norm',
                          'lr')
 
 
+# ----------------------------------------------------------- micro-batches --
+
+def split_batch_fields(name: str, stage) -> tuple:
+  """The batch-size fields of the batches training stage `name`'s step
+  splits into micro-batches."""
+  if name == 'warmup':
+    return ('source_batch_size',) + (
+        ('target_batch_size',) if stage.adversarial_weight > 0 else ())
+  if name == 'spcl':
+    return ('source_batch_size', 'target_batch_size')
+  if name == 'self_training':
+    return ('target_batch_size',) + (
+        ('source_batch_size',) if stage.source_batch_size else ())
+  raise ValueError(f'{name!r} is not a training stage')
+
+
+TRAINING_STAGES = ('warmup', 'spcl', 'self_training')
+
+
+def memory_config_problems(config, num_devices: int) -> list:
+  """What is wrong with `model.remat` and the training stages'
+  `micro_batches` (each must divide every per-device batch its step
+  splits); empty when nothing is. Checked before anything is compiled."""
+  problems = []
+  problem = models.remat_problem(config.model.name,
+                                 config.model.get('remat', 'none'))
+  if problem:
+    problems.append(problem)
+  for name in TRAINING_STAGES:
+    stage = config.stages[name]
+    k = stage.get('micro_batches', 1)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+      problems.append(f'stages.{name}.micro_batches = {k!r} must be an '
+                      'integer >= 1 (1: no gradient accumulation)')
+      continue
+    for key in split_batch_fields(name, stage):
+      size = stage[key]
+      if size <= 0 or size % num_devices:
+        continue  # reported by the batch-size check
+      if (size // num_devices) % k:
+        problems.append(
+            f'stages.{name}.micro_batches = {k} does not divide the '
+            f'per-device batch of stages.{name}.{key} = {size} on '
+            f'{num_devices} devices ({size // num_devices} per device)')
+  return problems
+
+
+def micro_batch_count(stage) -> int:
+  """`stage.micro_batches` (1 for a stage config without the field)."""
+  return int(stage.get('micro_batches', 1))
+
+
+def split_micro_batches(batch, k: int):
+  """Every leaf [B, ...] -> [k, B / k, ...]: micro-batch j holds images j,
+  j + k, j + 2k, ... of the global batch. A batch sharded over D devices in
+  equal blocks of B / D images (k dividing B / D) thus gives every
+  micro-batch B / (D k) images of each device's block: no image changes
+  device and every device works on every micro-batch."""
+  def split(x):
+    if x.shape[0] % k:
+      raise ValueError(f'micro_batches = {k} does not divide the batch of '
+                       f'{x.shape[0]} images')
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def _sum_over_micro_batches(fn, micro_batches):
+  """Σ_j fn(micro-batch j) for a pytree-valued `fn`, the micro-batches (the
+  leading axis of `micro_batches`' leaves) computed one after the other."""
+  first = jax.tree.map(lambda x: x[0], micro_batches)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       jax.eval_shape(fn, first))
+
+  def body(total, batch):
+    return jax.tree.map(jnp.add, total, fn(batch)), None
+
+  return jax.lax.scan(body, zeros, micro_batches)[0]
+
+
+def _accumulate(fn, batches, k: int):
+  """fn(batches) for k = 1, else the sum of fn over the k micro-batches."""
+  if k == 1:
+    return fn(batches)
+  return _sum_over_micro_batches(fn, split_micro_batches(batches, k))
+
+
+def _num_valid(labels, num_classes: int) -> jax.Array:
+  """float32 number of the pixels a masked cross-entropy averages over."""
+  return jnp.sum(spcl.valid_mask(labels, num_classes)
+                 & (labels != spcl.IGNORE_INDEX)).astype(jnp.float32)
+
+
+def _share(labels, total, num_classes: int) -> jax.Array:
+  """The weight of a micro-batch's masked mean in the global batch's mean:
+  its valid pixels over the global batch's `total` (1 when k = 1)."""
+  return _num_valid(labels, num_classes) / jnp.maximum(total, 1.0)
+
+
+def _stats_share(stats, k: int):
+  """A micro-batch's 1/k of the BN statistics the step leaves."""
+  return jax.tree.map(lambda s: s / k, stats)
+
+
 # ------------------------------------------------------------------- steps --
 
 def _apply(model, state, params, images, bn_trainable):
@@ -147,55 +263,85 @@ def make_warmup_step(model, discriminator, tx, d_tx, stage, disc_cfg
   """Stage 1: source CE (logits / T, upsampled) + λ_adv output-space
   adversarial loss; the discriminator sees softmax(source logits / T) and
   softmax(target logits). With adversarial weight 0 (source-only) the target
-  forward pass and the discriminator are skipped."""
+  forward pass and the discriminator are skipped. With `micro_batches` k > 1
+  both networks' gradients are accumulated over the micro-batches (the
+  discriminator's from the parameters the step started with, as at k = 1)."""
   adversarial = stage.adversarial_weight > 0
   collection = metrics_collection(WARMUP_METRICS)
+  num_classes = model.num_classes
+  k = micro_batch_count(stage)
 
   def step(state: TrainState, source: Batch, target: Batch | None = None):
-    size = source['label'].shape[1:3]
+    trainable_stats = stage.bn_trainable and bool(state.batch_stats)
+    batches = {'source': source}
+    if adversarial:
+      batches['target'] = target
+    num_seg = _num_valid(source['label'], num_classes)
 
-    def loss_fn(params):
+    def micro_step(batch):  # this (micro-)batch's share of every sum
+      source, target = batch['source'], batch.get('target')
+      size = source['label'].shape[1:3]
+      seg_share = _share(source['label'], num_seg, num_classes)
+
+      def loss_fn(params):
+        if adversarial:
+          src, tgt, stats = _forward_pair(model, state, params,
+                                          source['image'], target['image'],
+                                          stage.bn_trainable)
+        else:
+          src, stats = _apply(model, state, params, source['image'],
+                              stage.bn_trainable)
+          tgt = None
+        src_logits = spcl.upsample_bilinear(src['logits'], size)
+        seg = seg_share * spcl.segmentation_loss(src_logits, source['label'],
+                                                 stage.logit_temperature)
+        if not adversarial:
+          return seg, (seg, jnp.zeros(()), stats, None, None)
+        src_prob = jax.nn.softmax(src_logits / stage.logit_temperature, -1)
+        tgt_prob = jax.nn.softmax(spcl.upsample_bilinear(
+            tgt['logits'], target['label'].shape[1:3]), -1)
+        adv = spcl.generator_adversarial_loss(
+            discriminator.apply(state.disc_params, tgt_prob),
+            disc_cfg.source_label) / k
+        return (seg + stage.adversarial_weight * adv,
+                (seg, adv, stats, src_prob, tgt_prob))
+
+      (loss, (seg, adv, stats, src_prob, tgt_prob)), grads = (
+          jax.value_and_grad(loss_fn, has_aux=True)(state.params))
+      out = {'loss': loss, 'seg': seg, 'adv': adv, 'grads': grads}
+      if trainable_stats:
+        out['stats'] = _stats_share(stats, k)
       if adversarial:
-        src, tgt, stats = _forward_pair(model, state, params, source['image'],
-                                        target['image'], stage.bn_trainable)
-      else:
-        src, stats = _apply(model, state, params, source['image'],
-                            stage.bn_trainable)
-        tgt = None
-      src_logits = spcl.upsample_bilinear(src['logits'], size)
-      seg = spcl.segmentation_loss(src_logits, source['label'],
-                                   stage.logit_temperature)
-      if not adversarial:
-        return seg, (seg, jnp.zeros(()), stats, None, None)
-      src_prob = jax.nn.softmax(src_logits / stage.logit_temperature, -1)
-      tgt_prob = jax.nn.softmax(spcl.upsample_bilinear(
-          tgt['logits'], target['label'].shape[1:3]), -1)
-      adv = spcl.generator_adversarial_loss(
-          discriminator.apply(state.disc_params, tgt_prob),
-          disc_cfg.source_label)
-      return (seg + stage.adversarial_weight * adv,
-              (seg, adv, stats, src_prob, tgt_prob))
+        def disc_loss_fn(disc_params):
+          return spcl.discriminator_loss(
+              discriminator.apply(disc_params,
+                                  jax.lax.stop_gradient(src_prob)),
+              discriminator.apply(disc_params,
+                                  jax.lax.stop_gradient(tgt_prob)),
+              disc_cfg.source_label, disc_cfg.target_label) / k
+        out['disc_loss'], out['d_grads'] = jax.value_and_grad(disc_loss_fn)(
+            state.disc_params)
+      return out
 
-    (loss, (seg, adv, stats, src_prob, tgt_prob)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+    total = _accumulate(micro_step, batches, k)
+    grads = total['grads']
     disc_loss = jnp.zeros(())
     changes = {}
     if adversarial:
-      def disc_loss_fn(disc_params):
-        return spcl.discriminator_loss(
-            discriminator.apply(disc_params, jax.lax.stop_gradient(src_prob)),
-            discriminator.apply(disc_params, jax.lax.stop_gradient(tgt_prob)),
-            disc_cfg.source_label, disc_cfg.target_label)
-      disc_loss, d_grads = jax.value_and_grad(disc_loss_fn)(state.disc_params)
-      d_updates, d_opt_state = d_tx.update(d_grads, state.disc_opt_state,
+      disc_loss = total['disc_loss']
+      d_updates, d_opt_state = d_tx.update(total['d_grads'],
+                                           state.disc_opt_state,
                                            state.disc_params)
       changes = {'disc_params': optax.apply_updates(state.disc_params,
                                                     d_updates),
                  'disc_opt_state': d_opt_state}
-    new_state = _apply_updates(state, tx, grads, stats, **changes)
+    new_state = _apply_updates(state, tx, grads,
+                               total.get('stats', state.batch_stats),
+                               **changes)
     metrics = collection.single_from_model_output(
-        loss=loss, seg_loss=seg, adv_loss=adv, disc_loss=disc_loss,
-        grad_norm=optax.tree.norm(grads), lr=_lr(stage, state.step))
+        loss=total['loss'], seg_loss=total['seg'], adv_loss=total['adv'],
+        disc_loss=disc_loss, grad_norm=optax.tree.norm(grads),
+        lr=_lr(stage, state.step))
     return new_state, metrics
 
   return step
@@ -207,9 +353,17 @@ def make_spcl_step(model, tx, stage, class_thresholds=None) -> Callable:
   (`prototype_update = 'after_loss'`) or before it ('before_loss', as the
   released code does); w_t = `target_contrastive_weight` (0: L_cl^s only).
   The target batch's `label` is the offline pseudo-label map ('offline') or
-  unused ('online', Eq. 5 with `class_thresholds`)."""
+  unused ('online', Eq. 5 with `class_thresholds`).
+
+  With `micro_batches` k > 1 the class sums and the masks' pixel counts are
+  needed before any micro-batch's loss (the 'before_loss' bank and every
+  contrastive mean depend on the whole batch), so a forward-only pass over
+  the micro-batches computes the masks M_s (and online M_t) and the class
+  sums first; the micro-batches' gradients are then accumulated with those
+  masks: about one more source forward pass per step."""
   collection = metrics_collection(SPCL_METRICS)
   num_classes = model.num_classes
+  k = micro_batch_count(stage)
   if stage.target_mask == 'online' and class_thresholds is None:
     raise ValueError("spcl.target_mask = 'online' needs class thresholds")
 
@@ -256,38 +410,153 @@ def make_spcl_step(model, tx, stage, class_thresholds=None) -> Callable:
         grad_norm=optax.tree.norm(grads), lr=_lr(stage, state.step))
     return new_state, metrics
 
-  return step
+  def accumulated_step(state: TrainState, source: Batch, target: Batch):
+    trainable_stats = stage.bn_trainable and bool(state.batch_stats)
+    sources = split_micro_batches(source, k)
+    targets = split_micro_batches(target, k)
+
+    def masks_and_sums(sums, batch):  # forward only, at the step's params
+      source, target = batch
+      src, _ = _apply(model, state, state.params, source['image'],
+                      stage.bn_trainable)
+      source_mask = spcl.source_mask(source['label'], src['logits'])
+      if stage.target_mask == 'online':
+        logits = _apply(model, state, state.params, target['image'],
+                        stage.bn_trainable)[0]['logits']
+      else:  # only the logits' shape is read
+        shape = jax.eval_shape(
+            lambda images: model.apply(state.variables(), images),
+            target['image'])['logits']
+        logits = jnp.zeros(shape.shape, shape.dtype)
+      target_mask = spcl.target_mask(
+          stage.target_mask, logits, offline_labels=target['label'],
+          class_thresholds=class_thresholds)
+      batch_sums = spcl.class_feature_sums(src['features'], source_mask,
+                                           num_classes)
+      return (jax.tree.map(jnp.add, sums, batch_sums),
+              (source_mask, target_mask))
+
+    bank_shape = state.prototype_bank.prototypes.shape
+    zeros = (jnp.zeros(bank_shape, jnp.float32),
+             jnp.zeros(bank_shape[:1], jnp.float32))
+    (sums, counts), (source_masks, target_masks) = jax.lax.scan(
+        masks_and_sums, zeros, (sources, targets))
+    bank = spcl.update_prototypes(state.prototype_bank, sums, counts,
+                                  stage.alpha, stage.decay_absent_classes)
+    prototypes = (bank if stage.prototype_update == 'before_loss'
+                  else state.prototype_bank).prototypes
+    num_seg = _num_valid(source['label'], num_classes)
+    num_source = _num_valid(source_masks, num_classes)
+    num_target = _num_valid(target_masks, num_classes)
+
+    def micro_step(batch):
+      source, target, source_mask, target_mask = batch
+
+      def loss_fn(params):
+        src, tgt, stats = _forward_pair(model, state, params,
+                                        source['image'], target['image'],
+                                        stage.bn_trainable)
+        src_logits = spcl.upsample_bilinear(src['logits'],
+                                            source['label'].shape[1:3])
+        seg = _share(source['label'], num_seg, num_classes) * (
+            spcl.segmentation_loss(src_logits, source['label'],
+                                   stage.logit_temperature))
+        cl_s = _share(source_mask, num_source, num_classes) * (
+            spcl.contrastive_loss(src['features'], prototypes, source_mask,
+                                  stage.temperature))
+        cl_t = _share(target_mask, num_target, num_classes) * (
+            spcl.contrastive_loss(tgt['features'], prototypes, target_mask,
+                                  stage.temperature))
+        loss = seg + stage.contrastive_weight * (
+            cl_s + stage.target_contrastive_weight * cl_t)
+        return loss, (seg, cl_s, cl_t, stats)
+
+      (loss, (seg, cl_s, cl_t, stats)), grads = jax.value_and_grad(
+          loss_fn, has_aux=True)(state.params)
+      out = {'loss': loss, 'seg': seg, 'cl_s': cl_s, 'cl_t': cl_t,
+             'grads': grads,
+             'source_fraction': jnp.mean(
+                 source_mask != spcl.IGNORE_INDEX) / k,
+             'target_fraction': jnp.mean(
+                 target_mask != spcl.IGNORE_INDEX) / k}
+      if trainable_stats:
+        out['stats'] = _stats_share(stats, k)
+      return out
+
+    total = _sum_over_micro_batches(
+        micro_step, (sources, targets, source_masks, target_masks))
+    grads = total['grads']
+    new_state = _apply_updates(state, tx, grads,
+                               total.get('stats', state.batch_stats),
+                               prototype_bank=bank)
+    metrics = collection.single_from_model_output(
+        loss=total['loss'], seg_loss=total['seg'],
+        contrastive_source=total['cl_s'], contrastive_target=total['cl_t'],
+        source_mask_fraction=total['source_fraction'],
+        target_mask_fraction=total['target_fraction'],
+        grad_norm=optax.tree.norm(grads), lr=_lr(stage, state.step))
+    return new_state, metrics
+
+  return step if k == 1 else accumulated_step
 
 
 def make_self_training_step(model, tx, stage) -> Callable:
   """Stage 6: cross-entropy on target pseudo labels (Eq. 9); with a source
   batch (`stage.source_batch_size` > 0) also `stage.source_weight` times the
-  source cross-entropy (joint self-training, as in CBST)."""
+  source cross-entropy (joint self-training, as in CBST). `micro_batches`
+  k > 1 accumulates the gradients of k micro-batches (module docstring)."""
   collection = metrics_collection(SELF_TRAINING_METRICS)
+  num_classes = model.num_classes
+  k = micro_batch_count(stage)
 
   def step(state: TrainState, target: Batch, source: Batch | None = None):
-    def loss_fn(params):
-      if source is None:
-        tgt, stats = _apply(model, state, params, target['image'],
-                            stage.bn_trainable)
-        source_loss = jnp.zeros((), jnp.float32)
-      else:
-        src, tgt, stats = _forward_pair(model, state, params, source['image'],
-                                        target['image'], stage.bn_trainable)
-        source_loss = spcl.segmentation_loss(
-            spcl.upsample_bilinear(src['logits'], source['label'].shape[1:3]),
-            source['label'], stage.logit_temperature)
-      target_loss = spcl.segmentation_loss(
-          spcl.upsample_bilinear(tgt['logits'], target['label'].shape[1:3]),
-          target['label'], stage.logit_temperature)
-      loss = target_loss + stage.source_weight * source_loss
-      return loss, (stats, target_loss, source_loss)
+    trainable_stats = stage.bn_trainable and bool(state.batch_stats)
+    batches = {'target': target}
+    num_target = _num_valid(target['label'], num_classes)
+    if source is not None:
+      batches['source'] = source
+      num_source = _num_valid(source['label'], num_classes)
 
-    (loss, (stats, target_loss, source_loss)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
-    new_state = _apply_updates(state, tx, grads, stats)
+    def micro_step(batch):
+      target, source = batch['target'], batch.get('source')
+
+      def loss_fn(params):
+        if source is None:
+          tgt, stats = _apply(model, state, params, target['image'],
+                              stage.bn_trainable)
+          source_loss = jnp.zeros((), jnp.float32)
+        else:
+          src, tgt, stats = _forward_pair(model, state, params,
+                                          source['image'], target['image'],
+                                          stage.bn_trainable)
+          source_loss = _share(source['label'], num_source, num_classes) * (
+              spcl.segmentation_loss(
+                  spcl.upsample_bilinear(src['logits'],
+                                         source['label'].shape[1:3]),
+                  source['label'], stage.logit_temperature))
+        target_loss = _share(target['label'], num_target, num_classes) * (
+            spcl.segmentation_loss(
+                spcl.upsample_bilinear(tgt['logits'],
+                                       target['label'].shape[1:3]),
+                target['label'], stage.logit_temperature))
+        loss = target_loss + stage.source_weight * source_loss
+        return loss, (stats, target_loss, source_loss)
+
+      (loss, (stats, target_loss, source_loss)), grads = jax.value_and_grad(
+          loss_fn, has_aux=True)(state.params)
+      out = {'loss': loss, 'target_loss': target_loss,
+             'source_loss': source_loss, 'grads': grads}
+      if trainable_stats:
+        out['stats'] = _stats_share(stats, k)
+      return out
+
+    total = _accumulate(micro_step, batches, k)
+    grads = total['grads']
+    new_state = _apply_updates(state, tx, grads,
+                               total.get('stats', state.batch_stats))
     metrics = collection.single_from_model_output(
-        loss=loss, seg_loss=target_loss, source_seg_loss=source_loss,
+        loss=total['loss'], seg_loss=total['target_loss'],
+        source_seg_loss=total['source_loss'],
         grad_norm=optax.tree.norm(grads), lr=_lr(stage, state.step))
     return new_state, metrics
 
@@ -355,7 +624,8 @@ def model_kwargs(config) -> dict:
           'aspp_rates': tuple(config.model.aspp_rates),
           'base_width': config.model.base_width,
           'frozen_bn_epsilon': config.model.frozen_bn_epsilon,
-          'layer_init': config.model.layer_init}
+          'layer_init': config.model.layer_init,
+          'remat': config.model.get('remat', 'none')}
 
 
 def model_for_stage(config, bn_trainable: bool):

@@ -47,6 +47,17 @@ LITTER_PATTERNS = {
 TFDS_INCOMPLETE = re.compile(r'incomplete\.[A-Z0-9]{6}_(?P<version>[\w.]+)')
 
 
+def check_local_path(flag: str, path: str) -> None:
+  """Refuses a remote URL (`gs://...`, `s3://...`) for `flag`: the pipeline
+  writes with local file operations (rename for atomic writes), which would
+  turn such a URL into a folder named `gs:` under the current directory.
+  A bucket mounted as a file system (gcsfuse, NFS) is a local path."""
+  if '://' in str(path):
+    raise ValueError(
+        f'{flag}={path}: remote URLs are not supported yet; use a local path '
+        'or a file system mounted on every host (e.g. gcsfuse, NFS)')
+
+
 def write_atomically(path: str, write: Callable[[IO], None],
                      binary: bool = False) -> None:
   """Calls `write(file)` on a temporary file `.<name>.tmp-*` in `path`'s

@@ -303,6 +303,31 @@ def test_preemption_at_the_last_step_and_crashes_at_the_stage_end(
 
 
 @pytest.mark.slow
+def test_sigterm_during_a_pass_stops_it_between_batches(tiny_demo, reference,
+                                                        tmp_path):
+  """Defect 5: SIGTERM during the pseudo-label stage's second pass (its
+  label shards half open) stops before the next batch with exit 75 and
+  nothing of the pass kept; the rerun does the stage again, to the
+  uninterrupted result."""
+  _copy(reference, tmp_path, ['warmup', 'prototypes'])
+  config = 'configs/demo.py:smoke,pseudo_labels'
+  # batch 0: the confidence pass's only batch; batch 1: the label pass's
+  _expect(_main(tmp_path, tiny_demo,
+                '--config.testing.sigterm_stage=pseudo_labels',
+                '--config.testing.sigterm_at_step=1', config=config),
+          75, 'pseudo_labels preempted during its pass over',
+          'rerun the same command to resume')
+  stage = tmp_path / 'pseudo_labels'
+  assert not (stage / 'done.json').exists()
+  assert not (stage / 'labels').exists()
+  assert workdir_lib.litter_paths(str(tmp_path), ['pseudo_labels']) == []
+  _expect(_main(tmp_path, tiny_demo, config=config), 0)
+  # the same thresholds, coverage and agreement (NaN where a class is absent)
+  assert (stage / 'done.json').read_text() == (
+      reference / 'pseudo_labels' / 'done.json').read_text()
+
+
+@pytest.mark.slow
 def test_crash_after_best_then_corrupt_newest_checkpoint(tiny_demo, reference,
                                                          tmp_path):
   """Defects 3, 6, 9: killed after best/4 (before checkpoints/4), then after

@@ -2,13 +2,13 @@
 geometric alignment, pseudo-label join, global arrays, errors."""
 
 import colorsys
-import dataclasses
 import hashlib
 import os
 import subprocess
 import sys
 
 import jax
+import grain
 import numpy as np
 import pytest
 from PIL import Image
@@ -51,18 +51,45 @@ def test_same_seed_same_batches_other_seed_other_batches(tiny_demo):
   assert a[0]['image'].dtype == np.float32 and a[0]['label'].dtype == np.int32
 
 
-def test_processes_get_disjoint_shards_covering_the_split(tiny_demo):
-  spec = _spec(tiny_demo, split='target_val', global_batch_size=2)
-  seen = []
-  for process in range(2):  # 16 records: 8 per process, local batch 1
-    batches = _take(ip.train_loader(spec, process_index=process,
-                                    process_count=2), 8)
-    seen.append({str(b['image_id'][0]) for b in batches})
-  assert len(seen[0]) == len(seen[1]) == 8
-  assert not seen[0] & seen[1]
-  assert seen[0] | seen[1] == {f'target_val_{i:06d}' for i in range(16)}
-  # evaluation: every record exactly once over the processes, padded batches
-  eval_spec = dataclasses.replace(spec, global_batch_size=6, shuffle=False)
+@pytest.mark.parametrize('workers', [0, 2])
+def test_processes_read_slices_of_the_one_process_batches(tiny_demo,
+                                                          workers):
+  """Two or four processes' local batches, side by side, are the global
+  batches of one process: the same records with the same random
+  transforms, whatever the number of processes (and, for a given worker
+  count, exactly the one-process stream)."""
+  spec = _spec(tiny_demo, global_batch_size=4, worker_count=workers)
+  one = _take(ip.train_loader(spec, process_index=0, process_count=1), 6)
+  for count in (2, 4):
+    parts = [_take(ip.train_loader(spec, process_index=p,
+                                   process_count=count), 6)
+             for p in range(count)]
+    for n, batch in enumerate(one):
+      for key in ('image_id', 'image', 'label'):
+        side_by_side = np.concatenate([part[n][key] for part in parts])
+        assert np.array_equal(side_by_side, batch[key]), (count, n, key)
+
+
+def test_one_process_reads_grain_stream_positions_in_order():
+  inner = grain.samplers.IndexSampler(
+      10, shard_options=grain.sharding.ShardOptions(0, 1, True),
+      shuffle=True, num_epochs=None, seed=3)
+  for workers in (0, 3):
+    one = ip.ProcessSliceSampler(inner, local_batch_size=4, process_index=0,
+                                 process_count=1, worker_count=workers)
+    assert [one[j].index for j in range(40)] == list(range(40))
+  # two processes, two workers, local batch 2: worker w's k-th batch of
+  # process p holds positions w + 2 (4 k + 2 p + i)
+  second = ip.ProcessSliceSampler(inner, local_batch_size=2, process_index=1,
+                                  process_count=2, worker_count=2)
+  assert [second[j].index for j in range(8)] == [4, 5, 6, 7, 12, 13, 14, 15]
+  assert 'process_index=1' in repr(second) and '0x' not in repr(second)
+
+
+def test_eval_batches_cover_the_split_once_over_processes(tiny_demo):
+  """Every record exactly once over the processes, in padded batches."""
+  eval_spec = _spec(tiny_demo, split='target_val', global_batch_size=6,
+                    shuffle=False)
   ids, lengths = [], set()
   for process in range(2):
     batches = list(ip.eval_batches(eval_spec, process_index=process,
@@ -71,7 +98,8 @@ def test_processes_get_disjoint_shards_covering_the_split(tiny_demo):
     for b in batches:
       assert (b['label'][~b['valid']] == 255).all()
       ids += [str(i) for i, v in zip(b['image_id'], b['valid']) if v]
-  assert lengths == {3} and sorted(ids) == sorted(seen[0] | seen[1])
+  assert lengths == {3}
+  assert sorted(ids) == [f'target_val_{i:06d}' for i in range(16)]
 
 
 _RESUME = '''

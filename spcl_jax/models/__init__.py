@@ -13,6 +13,12 @@ Keyword arguments of `create_model`:
   base_width: ResNet stem width / VGG-16 conv1 width (default 64); smaller
     values make the CPU demo model cheaper (and are incompatible with
     ImageNet weights).
+  remat: 'none' (default) or 'blocks': `flax.linen.remat` around every
+    residual block (ResNet) / conv<i>_x block and fc6, fc7 (VGG-16), which
+    keeps only each block's input for the backward pass and recomputes the
+    rest there (less memory, about one more forward pass of compute); same
+    parameters, same values, same gradients. Only for models with blocks
+    (`ModelSpec.has_blocks`).
 """
 
 from typing import NamedTuple
@@ -24,12 +30,13 @@ import jax.numpy as jnp
 from spcl_jax.models import porting
 from spcl_jax.models.deeplab import ASPPv2, DeepLabV2
 from spcl_jax.models.discriminator import Discriminator
-from spcl_jax.models.layers import BatchNorm
+from spcl_jax.models.layers import REMAT_MODES, BatchNorm
 
 
 class ModelSpec(NamedTuple):
   arch: str            # key of porting.BACKBONES (the ImageNet weights it takes)
   backbone_kw: tuple   # fixed keyword arguments of the backbone
+  has_blocks: bool = True  # blocks to rematerialise (`remat='blocks'`)
 
 
 MODELS = {
@@ -43,7 +50,7 @@ MODELS = {
 }
 
 _BACKBONE_KW = ('bn_trainable', 'dtype', 'base_width', 'frozen_bn_epsilon',
-                'layer_init')
+                'layer_init', 'remat')
 _HEAD_KW = ('aspp_rates',)
 
 
@@ -54,9 +61,22 @@ def check_name(name: str) -> ModelSpec:
   return MODELS[name]
 
 
+def remat_problem(name: str, remat: str) -> str | None:
+  """Why `remat` does not suit model `name` (None: it does)."""
+  if remat not in REMAT_MODES:
+    return f'model.remat: {remat!r}, expected one of {REMAT_MODES}'
+  if remat != 'none' and name in MODELS and not MODELS[name].has_blocks:
+    return (f'model.remat = {remat!r} but model {name!r} has no blocks to '
+            "rematerialise; use 'none'")
+  return None
+
+
 def create_model(name: str, num_classes: int, **kw) -> DeepLabV2:
   """The Flax module `name` with a `num_classes`-way ASPP v2 classifier."""
   spec = check_name(name)
+  problem = remat_problem(name, kw.get('remat', 'none'))
+  if problem:
+    raise ValueError(problem)
   unknown = sorted(set(kw) - set(_BACKBONE_KW) - set(_HEAD_KW))
   if unknown:
     raise TypeError(f'create_model({name!r}): unknown keyword arguments '
@@ -115,5 +135,5 @@ def load_pretrained(directory: str, name: str, num_classes: int,
 
 
 __all__ = ['ASPPv2', 'BatchNorm', 'DeepLabV2', 'Discriminator', 'MODELS',
-           'create_model', 'init_variables', 'load_pretrained',
-           'with_batch_stats']
+           'REMAT_MODES', 'create_model', 'init_variables', 'load_pretrained',
+           'remat_problem', 'with_batch_stats']

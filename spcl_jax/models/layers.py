@@ -62,6 +62,22 @@ def conv_init(layer_init: str, fan_in: int) -> dict:
                    f'{LAYER_INITS}')
 
 
+# `model.remat`: 'none', or 'blocks' (every residual block / VGG block is
+# rematerialised: only its input is kept for the backward pass, the
+# activations inside it are recomputed there; parameter paths unchanged).
+REMAT_MODES = ('none', 'blocks')
+
+
+def remat_blocks(target, remat: str, **kw):
+  """`target` (a Module class, or a function whose first argument is a
+  module) wrapped in `flax.linen.remat` when `remat == 'blocks'`, else
+  itself; `kw`: remat's keyword arguments (static_argnums counts the module
+  as argument 0)."""
+  if remat not in REMAT_MODES:
+    raise ValueError(f'remat: {remat!r}, expected one of {REMAT_MODES}')
+  return nn.remat(target, **kw) if remat == 'blocks' else target
+
+
 class BatchNorm(nn.Module):
   """BatchNorm over the channel (last) axis with two modes.
 

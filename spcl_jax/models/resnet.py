@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from spcl_jax.models.layers import BN_EPSILON, BatchNorm, conv
+from spcl_jax.models.layers import BN_EPSILON, BatchNorm, conv, remat_blocks
 
 Dtype = Any
 
@@ -101,6 +101,8 @@ class ResNet(nn.Module):
   dtype: Dtype = jnp.float32
   frozen_bn_epsilon: float = BN_EPSILON  # 0: the released frozen BatchNorm
   layer_init: str = 'flax'  # accepted for symmetry: every layer is ported
+  # 'blocks': every residual block is rematerialised (layers.remat_blocks)
+  remat: str = 'none'
 
   @property
   def num_features(self) -> int:
@@ -117,14 +119,16 @@ class ResNet(nn.Module):
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     in_channels = self.base_width
     plan = block_dilations(self.stage_sizes, self.strides_to_dilation)
+    # `train` (argument 2, after the module and x) is a Python bool
+    block = remat_blocks(self.block, self.remat, static_argnums=(2,))
     for stage, blocks in enumerate(plan):
       planes = self.base_width * 2 ** stage
       for index, (stride, dilation) in enumerate(blocks):
         downsample = (stride != 1 or
                       in_channels != planes * self.block.expansion)
-        x = self.block(planes, stride, dilation, downsample, self.bn_trainable,
-                       self.dtype, self.frozen_bn_epsilon,
-                       name=f'layer{stage + 1}_{index}')(x, train)
+        x = block(planes, stride, dilation, downsample, self.bn_trainable,
+                  self.dtype, self.frozen_bn_epsilon,
+                  name=f'layer{stage + 1}_{index}')(x, train)
         in_channels = planes * self.block.expansion
     return x
 

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from spcl_jax.models.layers import BN_EPSILON, conv, conv_init
+from spcl_jax.models.layers import BN_EPSILON, conv, conv_init, remat_blocks
 
 Dtype = Any
 
@@ -28,23 +28,40 @@ VGG16_TRUNK = (
 )
 
 
+def _conv_relu_block(module, x, layers, base_width, dtype):
+  """The convolutions (+ReLU) of one VGG block, created in `module`'s scope
+  (so their parameter paths do not depend on the block grouping)."""
+  del module  # the scope the convolutions are created in
+  for name, channels, dilation, _ in layers:
+    x = nn.relu(conv(channels * base_width // 64, 3, dilation=dilation,
+                     use_bias=True, dtype=dtype, name=name)(x))
+  return x
+
+
 class VGG16Trunk(nn.Module):
   """The convolutional trunk up to conv5_3 (+ReLU), output stride 8; every
-  width scaled by base_width / 64 (64: the ImageNet layout)."""
+  width scaled by base_width / 64 (64: the ImageNet layout). Its blocks are
+  the conv<i>_x groups (conv1_1-conv1_2, ..., conv5_1-conv5_3); remat='blocks'
+  rematerialises each."""
   dtype: Dtype = jnp.float32
   base_width: int = 64
+  remat: str = 'none'
 
   @nn.compact
   def __call__(self, x):
     x = x.astype(self.dtype)
-    for layer in VGG16_TRUNK:
+    # layers, base width and dtype (arguments 2-4) are static
+    block = remat_blocks(_conv_relu_block, self.remat,
+                         static_argnums=(2, 3, 4))
+    run = []  # the current block: convolutions of one conv<i>_x group
+    for layer in (*VGG16_TRUNK, 'end'):
+      if run and (layer in ('pool', 'end') or layer[0][:5] != run[0][0][:5]):
+        x = block(self, x, tuple(run), self.base_width, self.dtype)
+        run = []
       if layer == 'pool':
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
-      else:
-        name, channels, dilation, _ = layer
-        x = nn.relu(conv(channels * self.base_width // 64, 3,
-                         dilation=dilation, use_bias=True,
-                         dtype=self.dtype, name=name)(x))
+      elif layer != 'end':
+        run.append(layer)
     return x
 
 
@@ -59,6 +76,7 @@ class VGG16(nn.Module):
   dtype: Dtype = jnp.float32
   frozen_bn_epsilon: float = BN_EPSILON  # no BatchNorm; accepted for symmetry
   layer_init: str = 'flax'  # of fc6/fc7: 'flax' or 'torch' (layers.conv_init)
+  remat: str = 'none'  # 'blocks': each trunk block and fc6, fc7 rematerialised
 
   @property
   def fc_width(self) -> int:
@@ -71,12 +89,20 @@ class VGG16(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     del train  # no BatchNorm, no dropout
-    x = VGG16Trunk(self.dtype, self.base_width, name='trunk')(x)
+    x = VGG16Trunk(self.dtype, self.base_width, self.remat, name='trunk')(x)
+    block = remat_blocks(_fc_block, self.remat, static_argnums=(2, 3, 4, 5, 6))
     for name in ('fc6', 'fc7'):
-      init = conv_init(self.layer_init, 9 * x.shape[-1])
-      x = nn.relu(conv(self.fc_width, 3, dilation=self.fc_dilation, **init,
-                       use_bias=True, dtype=self.dtype, name=name)(x))
+      x = block(self, x, name, self.fc_width, self.fc_dilation,
+                self.layer_init, self.dtype)
     return x
+
+
+def _fc_block(module, x, name, width, dilation, layer_init, dtype):
+  """fc6 or fc7 (+ReLU), created in `module`'s scope."""
+  del module
+  init = conv_init(layer_init, 9 * x.shape[-1])
+  return nn.relu(conv(width, 3, dilation=dilation, **init, use_bias=True,
+                      dtype=dtype, name=name)(x))
 
 
 def torch_prefix(path: Sequence[str]) -> str:
