@@ -578,6 +578,28 @@ def _train_stage(ctx, stage: Stage, opened: list) -> dict:
   history = [h for h in (workdir_lib.read_json(history_path) if os.path.exists(
       history_path) else []) if h['step'] <= step]
   invalid_pixels, result, last_saved = 0, None, latest
+
+  def is_eval_step(step):
+    return step % cfg.eval_every_steps == 0 or step == cfg.steps
+
+  def evaluate_and_keep(step):
+    result = evaluate(ctx, eval_model, state.variables(), eval_step,
+                      stage.name)
+    history.append({'step': step, 'miou': result['miou']})
+    if jax.process_index() == 0:
+      workdir_lib.write_json(history_path, history)
+    _crash_after(ctx, f'{stage.name}/eval_history.json')
+    ctx.writer.write_scalars(step, {f'{stage.name}/eval_miou':
+                                    result['miou']})
+    dashboard.write(ctx.writer, step, state.variables(), result)
+    logging.info('%s: step %d mIoU %.2f', stage.name, step, result['miou'])
+    best.offer(step, state.variables(), result['miou'])
+    _crash_after(ctx, f'{stage.name}/best/{step}')
+    return result
+
+  if (latest is not None and is_eval_step(step)
+      and all(h['step'] != step for h in history)):
+    result = evaluate_and_keep(step)   # preempted during it: it runs now
   while step < cfg.steps:
     if (config.testing.sigterm_stage == stage.name
         and step == config.testing.sigterm_at_step):
@@ -598,19 +620,16 @@ def _train_stage(ctx, stage: Stage, opened: list) -> dict:
       scalars[f'{stage.name}/invalid_label_pixels'] = invalid_pixels
       ctx.writer.write_scalars(step, scalars)
       accumulated = None
-    if step % cfg.eval_every_steps == 0 or step == cfg.steps:
-      result = evaluate(ctx, eval_model, state.variables(), eval_step,
-                        stage.name)
-      history.append({'step': step, 'miou': result['miou']})
-      if jax.process_index() == 0:
-        workdir_lib.write_json(history_path, history)
-      _crash_after(ctx, f'{stage.name}/eval_history.json')
-      ctx.writer.write_scalars(step, {f'{stage.name}/eval_miou':
-                                      result['miou']})
-      dashboard.write(ctx.writer, step, state.variables(), result)
-      logging.info('%s: step %d mIoU %.2f', stage.name, step, result['miou'])
-      best.offer(step, state.variables(), result['miou'])
-      _crash_after(ctx, f'{stage.name}/best/{step}')
+    if is_eval_step(step):
+      try:
+        result = evaluate_and_keep(step)
+      except Preempted:   # SIGTERM during the evaluation: keep the step
+        checkpoints.save(step, state, iterators)
+        checkpoints.wait()
+        logging.info('%s: preempted at step %d during its evaluation; '
+                     'checkpoint saved, the evaluation runs on resume',
+                     stage.name, step)
+        raise Preempted(f'{stage.name} preempted at step {step}') from None
     if step % config.checkpoint.every_steps == 0 or step == cfg.steps:
       checkpoints.save(step, state, iterators)
       last_saved = step

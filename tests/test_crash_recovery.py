@@ -278,12 +278,15 @@ def test_preemption_at_the_last_step_and_crashes_at_the_stage_end(
                 config=config),
           KILLED)
   assert not (tmp_path / 'prototypes' / 'done.json').exists()
-  # the signal lands while the last step (4) runs: step 4 is evaluated,
-  # offered to best/ and checkpointed before the run stops
+  # the signal lands while the last step (4) runs: its evaluation stops
+  # before its first batch, step 4 is checkpointed, and its evaluation
+  # (offered to best/) runs on the resume
   _expect(_main(tmp_path, tiny_demo, '--config.testing.sigterm_stage=spcl',
                 '--config.testing.sigterm_at_step=3', config=config),
-          75, 'preempted at step 4', 'rerun the same command to resume')
+          75, 'preempted at step 4 during its evaluation',
+          'rerun the same command to resume')
   assert sorted(os.listdir(tmp_path / 'spcl' / 'checkpoints'))[-1] == '4'
+  assert not (tmp_path / 'spcl' / 'best' / '4').exists()
   assert not (tmp_path / 'spcl' / 'done.json').exists()
   _expect(_main(tmp_path, tiny_demo,
                 '--config.testing.crash_after_write=spcl/prototypes',
@@ -319,7 +322,7 @@ def test_sigterm_during_a_pass_stops_it_between_batches(tiny_demo, reference,
           'rerun the same command to resume')
   stage = tmp_path / 'pseudo_labels'
   assert not (stage / 'done.json').exists()
-  assert not (stage / 'labels').exists()
+  assert not any((stage / 'labels').iterdir())   # no shard, no temporary
   assert workdir_lib.litter_paths(str(tmp_path), ['pseudo_labels']) == []
   _expect(_main(tmp_path, tiny_demo, config=config), 0)
   # the same thresholds, coverage and agreement (NaN where a class is absent)

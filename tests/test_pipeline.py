@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -143,31 +144,54 @@ def _numbers(tree, prefix=''):
 
 
 @pytest.mark.slow
-def test_whole_pipeline_on_two_processes_equals_one_process(
-    tiny_demo, reference_run, tmp_path):
-  """The README's two-process command runs all six stages; each process
-  reads its slice of the one-process batches, so every stage's report
-  equals the one-process run's (within float tolerance: the cross-device
-  sums are ordered differently), the two processes hold identical states,
-  and process 1 writes only its own log beside process 0's files."""
-  reference, _ = reference_run
+def _two_processes(workdir, data_dir, *flags_of_process_0):
+  """[(exit status, stderr)] of the two processes of one smoke run (stderr
+  through files: a full pipe would stall one process in a collective)."""
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
+  logs = [tempfile.TemporaryFile('w+') for _ in range(2)]
   processes = [subprocess.Popen(
       [sys.executable, '-m', 'spcl_jax.main',
-       '--config=configs/demo.py:smoke', f'--workdir={tmp_path}',
-       f'--config.data.data_dir={tiny_demo}',
+       '--config=configs/demo.py:smoke', f'--workdir={workdir}',
+       f'--config.data.data_dir={data_dir}',
        f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-       f'--process_id={i}'], cwd=ROOT, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True,
+       f'--process_id={i}', *(flags_of_process_0 if i == 0 else ())],
+      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=logs[i], text=True,
       env={**os.environ, 'XLA_FLAGS': ''}) for i in range(2)]
-  outputs = [p.communicate(timeout=900) for p in processes]
-  for p, (_, err) in zip(processes, outputs):
-    assert p.returncode == 0, err[-4000:]
-  for stage in ('warmup', 'spcl', 'self_training'):
+  outputs = []
+  for process, log in zip(processes, logs):
+    process.wait(timeout=900)
+    log.seek(0)
+    outputs.append((process.returncode, log.read()))
+    log.close()
+  return outputs
+
+
+def test_whole_pipeline_on_two_processes_equals_one_process(
+    tiny_demo, reference_run, tmp_path):
+  """The README's two-process command runs all six stages. SIGTERM to
+  process 0 alone during spcl stops both after the same step (exit 75);
+  the rerun resumes there on both. Each process reads its slice of the
+  one-process batches, so every stage's report equals the one-process
+  run's (within float tolerance: the cross-device sums are ordered
+  differently), the two processes hold identical states, and process 1
+  writes only its own log beside process 0's files."""
+  reference, _ = reference_run
+  preempted = _two_processes(tmp_path, tiny_demo,
+                             '--config.testing.sigterm_stage=spcl',
+                             '--config.testing.sigterm_at_step=1')
+  for status, err in preempted:
+    assert status == 75, err[-4000:]
+    assert 'spcl preempted at step 2' in err, err[-4000:]
+  resumed = _two_processes(tmp_path, tiny_demo)
+  for status, err in resumed:
+    assert status == 0, err[-4000:]
+    assert 'spcl: resuming from step 2' in err, err[-4000:]
+  for stage, run in (('warmup', preempted), ('spcl', resumed),
+                     ('self_training', resumed)):
     digests = [re.search(stage + r': process (\d) state digest (\w+)', err)
-               for _, err in outputs]
+               for _, err in run]
     assert [int(d.group(1)) for d in digests] == [0, 1], stage
     assert digests[0].group(2) == digests[1].group(2), stage
   ours = json.loads((tmp_path / 'report.json').read_text())['stages']
