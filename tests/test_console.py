@@ -48,14 +48,9 @@ def test_filter_drops_third_party_info_unless_verbose(verbosity):
       ROOT, 'spcl_jax_old', 'pipeline.py'), 'x')) == bool(verbosity)
 
 
-def _unretrieved_task_failure_record(filename):
-  """The record asyncio logs for a task whose exception no one awaited, the
-  failing coroutine compiled as if it lived in `filename`."""
-  code = compile('async def read_shard():\n'
-                 '  raise ValueError("OUT_OF_RANGE reading shard 0.0.0.0")\n',
-                 filename, 'exec')
-  namespace = {}
-  exec(code, namespace)  # pylint: disable=exec-used
+def _asyncio_record(fail):
+  """The one record asyncio logs after `fail(loop)` on a fresh event loop
+  (the loop closed and garbage collected)."""
   records = []
   asyncio_logger = py_logging.getLogger('asyncio')
   collect = py_logging.Handler()
@@ -63,8 +58,7 @@ def _unretrieved_task_failure_record(filename):
   asyncio_logger.addHandler(collect)
   loop = asyncio.new_event_loop()
   try:
-    loop.create_task(namespace['read_shard']())
-    loop.run_until_complete(asyncio.sleep(0.01))
+    fail(loop)
   finally:
     loop.close()
     gc.collect()
@@ -73,18 +67,47 @@ def _unretrieved_task_failure_record(filename):
   return record
 
 
-def test_orbax_unretrieved_task_failures_are_lowered_to_debug():
+def _unretrieved_task_failure_record(filename):
+  """The record asyncio logs for a task whose exception no one awaited, the
+  failing coroutine compiled as if it lived in `filename`."""
+  code = compile('async def read_shard():\n'
+                 '  raise ValueError("OUT_OF_RANGE reading shard 0.0.0.0")\n',
+                 filename, 'exec')
+  namespace = {}
+  exec(code, namespace)  # pylint: disable=exec-used
+
+  def fail(loop):
+    loop.create_task(namespace['read_shard']())
+    loop.run_until_complete(asyncio.sleep(0.01))
+  return _asyncio_record(fail)
+
+
+def _unretrieved_future_failure_record(message):
+  """The record asyncio logs for a future whose exception no one retrieved,
+  the exception set from outside Python (as TensorStore's reads do)."""
+  return _asyncio_record(
+      lambda loop: loop.create_future().set_exception(ValueError(message)))
+
+
+def _lowered(*makers):
+  """The records of `makers` with OrbaxTaskFailuresAsDebug on asyncio's
+  logger."""
   asyncio_logger = py_logging.getLogger('asyncio')
   lower = console.OrbaxTaskFailuresAsDebug()
   asyncio_logger.addFilter(lower)
   try:
-    orbax_failure = _unretrieved_task_failure_record(
-        '/venv/site-packages/orbax/checkpoint/_src/serialization/'
-        'serialization.py')
-    other_failure = _unretrieved_task_failure_record(
-        '/venv/site-packages/somelib/io.py')
+    return [make() for make in makers]
   finally:
     asyncio_logger.removeFilter(lower)
+
+
+def test_orbax_unretrieved_task_failures_are_lowered_to_debug():
+  orbax_failure, other_failure = _lowered(
+      lambda: _unretrieved_task_failure_record(
+          '/venv/site-packages/orbax/checkpoint/_src/serialization/'
+          'serialization.py'),
+      lambda: _unretrieved_task_failure_record(
+          '/venv/site-packages/somelib/io.py'))
   for record in (orbax_failure, other_failure):
     assert 'never retrieved' in record.getMessage()
   assert orbax_failure.levelno == py_logging.DEBUG
@@ -108,41 +131,18 @@ def test_orbax_unretrieved_task_failures_are_lowered_to_debug():
       _record(py_logging.ERROR, ORBAX_FILE, 'save failed', name='orbax'))
 
 
-def _unretrieved_future_failure_record(message):
-  """The record asyncio logs for a future whose exception no one retrieved,
-  the exception set from outside Python (as TensorStore's reads do)."""
-  records = []
-  asyncio_logger = py_logging.getLogger('asyncio')
-  collect = py_logging.Handler()
-  collect.emit = records.append
-  asyncio_logger.addHandler(collect)
-  loop = asyncio.new_event_loop()
-  try:
-    loop.create_future().set_exception(ValueError(message))
-    gc.collect()
-  finally:
-    loop.close()
-    asyncio_logger.removeHandler(collect)
-  (record,) = records
-  return record
-
-
 def test_orbax_unretrieved_future_failures_are_lowered_to_debug():
   """The CI failure of stop 19: TensorStore's read futures of a damaged
   checkpoint carry no Python frame and no orbax path; their error names
   the OCDBT database of orbax's checkpoint storage."""
-  asyncio_logger = py_logging.getLogger('asyncio')
-  lower = console.OrbaxTaskFailuresAsDebug()
-  asyncio_logger.addFilter(lower)
-  try:
-    storage_failure = _unretrieved_future_failure_record(
-        'OUT_OF_RANGE: Error reading "params.conv1.kernel/0.0.0.0" in OCDBT '
-        'database at local file "/w/spcl/checkpoints/4/state/": Requested '
-        'byte range [3584169, 3721155) is not valid for value of size 19420')
-    other_failure = _unretrieved_future_failure_record(
-        'OUT_OF_RANGE: Requested byte range is not valid')
-  finally:
-    asyncio_logger.removeFilter(lower)
+  storage_failure, other_failure = _lowered(
+      lambda: _unretrieved_future_failure_record(
+          'OUT_OF_RANGE: Error reading "params.conv1.kernel/0.0.0.0" in '
+          'OCDBT database at local file "/w/spcl/checkpoints/4/state/": '
+          'Requested byte range [3584169, 3721155) is not valid for value '
+          'of size 19420'),
+      lambda: _unretrieved_future_failure_record(
+          'OUT_OF_RANGE: Requested byte range is not valid'))
   for record in (storage_failure, other_failure):
     assert 'Future exception was never retrieved' in record.getMessage()
   assert storage_failure.levelno == py_logging.DEBUG
