@@ -574,9 +574,9 @@ class ProcessSliceSampler:
   def __getitem__(self, position: int):
     worker, r = position % self.workers, position // self.workers
     k, i = divmod(r, self.local_batch_size)
-    local = self.local_batch_size
     return self.sampler[worker + self.workers * (
-        (k * self.process_count + self.process_index) * local + i)]
+        (k * self.process_count + self.process_index) * self.local_batch_size
+        + i)]
 
   def __repr__(self) -> str:   # stored in grain's iterator state
     return (f'ProcessSliceSampler({self.sampler!r}, local_batch_size='

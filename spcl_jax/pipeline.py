@@ -403,7 +403,6 @@ def pass_batches(ctx, stage_name: str, spec: ip.PipelineSpec, **kw):
 def evaluate(ctx, model, variables, eval_step, stage_name: str = '') -> dict:
   """Target validation split: confusion matrix over the whole split."""
   data = ctx.config.data
-  ip.check_labelled(data.target, data.val_split, ctx.data_dir())
   spec = _eval_spec(ctx, data.target, data.val_split, data.eval_size,
                     data.eval_batch_size, resize_label=False)
   confusion = np.zeros((model.num_classes,) * 2, np.int64)
