@@ -367,6 +367,39 @@ def make_spcl_step(model, tx, stage, class_thresholds=None) -> Callable:
   if stage.target_mask == 'online' and class_thresholds is None:
     raise ValueError("spcl.target_mask = 'online' needs class thresholds")
 
+  def prototypes_for_loss(state, updated_bank):
+    """'before_loss' (the released code): the loss sees the prototypes
+    already moved towards this step's class means."""
+    return (updated_bank if stage.prototype_update == 'before_loss'
+            else state.prototype_bank).prototypes
+
+  def loss_terms(src, tgt, source, source_mask, target_mask, prototypes,
+                 shares=(1.0, 1.0, 1.0)):
+    """L_seg, L_cl^s, L_cl^t and the loss of a (micro-)batch, each mean
+    weighted by its share of the global batch's mean (1 when k = 1)."""
+    src_logits = spcl.upsample_bilinear(src['logits'],
+                                        source['label'].shape[1:3])
+    seg = shares[0] * spcl.segmentation_loss(src_logits, source['label'],
+                                             stage.logit_temperature)
+    cl_s = shares[1] * spcl.contrastive_loss(
+        src['features'], prototypes, source_mask, stage.temperature)
+    cl_t = shares[2] * spcl.contrastive_loss(
+        tgt['features'], prototypes, target_mask, stage.temperature)
+    loss = seg + stage.contrastive_weight * (
+        cl_s + stage.target_contrastive_weight * cl_t)
+    return {'loss': loss, 'seg': seg, 'cl_s': cl_s, 'cl_t': cl_t}
+
+  def mask_fraction(mask):
+    return jnp.mean(mask != spcl.IGNORE_INDEX)
+
+  def step_metrics(state, terms, grads):
+    return collection.single_from_model_output(
+        loss=terms['loss'], seg_loss=terms['seg'],
+        contrastive_source=terms['cl_s'], contrastive_target=terms['cl_t'],
+        source_mask_fraction=terms['source_fraction'],
+        target_mask_fraction=terms['target_fraction'],
+        grad_norm=optax.tree.norm(grads), lr=_lr(stage, state.step))
+
   def step(state: TrainState, source: Batch, target: Batch):
     def updated_bank(features, source_mask):
       sums, counts = spcl.class_feature_sums(
@@ -377,38 +410,21 @@ def make_spcl_step(model, tx, stage, class_thresholds=None) -> Callable:
     def loss_fn(params):
       src, tgt, stats = _forward_pair(model, state, params, source['image'],
                                       target['image'], stage.bn_trainable)
-      src_logits = spcl.upsample_bilinear(src['logits'],
-                                          source['label'].shape[1:3])
-      seg = spcl.segmentation_loss(src_logits, source['label'],
-                                   stage.logit_temperature)
       source_mask = spcl.source_mask(source['label'], src['logits'])
       target_mask = spcl.target_mask(
           stage.target_mask, tgt['logits'], offline_labels=target['label'],
           class_thresholds=class_thresholds)
-      # 'before_loss' (the released code): the loss sees the prototypes
-      # already moved towards this batch's class means.
       bank = updated_bank(src['features'], source_mask)
-      prototypes = (bank if stage.prototype_update == 'before_loss'
-                    else state.prototype_bank).prototypes
-      cl_s = spcl.contrastive_loss(src['features'], prototypes, source_mask,
-                                   stage.temperature)
-      cl_t = spcl.contrastive_loss(tgt['features'], prototypes, target_mask,
-                                   stage.temperature)
-      loss = seg + stage.contrastive_weight * (
-          cl_s + stage.target_contrastive_weight * cl_t)
-      return loss, (seg, cl_s, cl_t, stats, bank, source_mask, target_mask)
+      terms = loss_terms(src, tgt, source, source_mask, target_mask,
+                         prototypes_for_loss(state, bank))
+      terms['source_fraction'] = mask_fraction(source_mask)
+      terms['target_fraction'] = mask_fraction(target_mask)
+      return terms['loss'], (terms, stats, bank)
 
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
-    seg, cl_s, cl_t, stats, bank, source_mask, target_mask = aux
-    new_state = _apply_updates(state, tx, grads, stats, prototype_bank=bank)
-    metrics = collection.single_from_model_output(
-        loss=loss, seg_loss=seg, contrastive_source=cl_s,
-        contrastive_target=cl_t,
-        source_mask_fraction=jnp.mean(source_mask != spcl.IGNORE_INDEX),
-        target_mask_fraction=jnp.mean(target_mask != spcl.IGNORE_INDEX),
-        grad_norm=optax.tree.norm(grads), lr=_lr(stage, state.step))
-    return new_state, metrics
+    (_, (terms, stats, bank)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    return (_apply_updates(state, tx, grads, stats, prototype_bank=bank),
+            step_metrics(state, terms, grads))
 
   def accumulated_step(state: TrainState, source: Batch, target: Batch):
     trainable_stats = stage.bn_trainable and bool(state.batch_stats)
@@ -443,8 +459,7 @@ def make_spcl_step(model, tx, stage, class_thresholds=None) -> Callable:
         masks_and_sums, zeros, (sources, targets))
     bank = spcl.update_prototypes(state.prototype_bank, sums, counts,
                                   stage.alpha, stage.decay_absent_classes)
-    prototypes = (bank if stage.prototype_update == 'before_loss'
-                  else state.prototype_bank).prototypes
+    prototypes = prototypes_for_loss(state, bank)
     num_seg = _num_valid(source['label'], num_classes)
     num_source = _num_valid(source_masks, num_classes)
     num_target = _num_valid(target_masks, num_classes)
@@ -456,29 +471,18 @@ def make_spcl_step(model, tx, stage, class_thresholds=None) -> Callable:
         src, tgt, stats = _forward_pair(model, state, params,
                                         source['image'], target['image'],
                                         stage.bn_trainable)
-        src_logits = spcl.upsample_bilinear(src['logits'],
-                                            source['label'].shape[1:3])
-        seg = _share(source['label'], num_seg, num_classes) * (
-            spcl.segmentation_loss(src_logits, source['label'],
-                                   stage.logit_temperature))
-        cl_s = _share(source_mask, num_source, num_classes) * (
-            spcl.contrastive_loss(src['features'], prototypes, source_mask,
-                                  stage.temperature))
-        cl_t = _share(target_mask, num_target, num_classes) * (
-            spcl.contrastive_loss(tgt['features'], prototypes, target_mask,
-                                  stage.temperature))
-        loss = seg + stage.contrastive_weight * (
-            cl_s + stage.target_contrastive_weight * cl_t)
-        return loss, (seg, cl_s, cl_t, stats)
+        terms = loss_terms(src, tgt, source, source_mask, target_mask,
+                           prototypes, shares=(
+                               _share(source['label'], num_seg, num_classes),
+                               _share(source_mask, num_source, num_classes),
+                               _share(target_mask, num_target, num_classes)))
+        return terms['loss'], (terms, stats)
 
-      (loss, (seg, cl_s, cl_t, stats)), grads = jax.value_and_grad(
+      (_, (terms, stats)), grads = jax.value_and_grad(
           loss_fn, has_aux=True)(state.params)
-      out = {'loss': loss, 'seg': seg, 'cl_s': cl_s, 'cl_t': cl_t,
-             'grads': grads,
-             'source_fraction': jnp.mean(
-                 source_mask != spcl.IGNORE_INDEX) / k,
-             'target_fraction': jnp.mean(
-                 target_mask != spcl.IGNORE_INDEX) / k}
+      out = {**terms, 'grads': grads,
+             'source_fraction': mask_fraction(source_mask) / k,
+             'target_fraction': mask_fraction(target_mask) / k}
       if trainable_stats:
         out['stats'] = _stats_share(stats, k)
       return out
@@ -489,13 +493,7 @@ def make_spcl_step(model, tx, stage, class_thresholds=None) -> Callable:
     new_state = _apply_updates(state, tx, grads,
                                total.get('stats', state.batch_stats),
                                prototype_bank=bank)
-    metrics = collection.single_from_model_output(
-        loss=total['loss'], seg_loss=total['seg'],
-        contrastive_source=total['cl_s'], contrastive_target=total['cl_t'],
-        source_mask_fraction=total['source_fraction'],
-        target_mask_fraction=total['target_fraction'],
-        grad_norm=optax.tree.norm(grads), lr=_lr(stage, state.step))
-    return new_state, metrics
+    return new_state, step_metrics(state, total, grads)
 
   return step if k == 1 else accumulated_step
 
