@@ -106,6 +106,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'source_crop_size': (),
       'source_flip': False,
       'worker_count': 4,
+      # Training batches made and put onto the devices by a background
+      # thread while the step runs (per data stream; up to this + 1 ahead).
+      # 0: each batch is made when the step asks for it.
+      'device_prefetch': 2,
       'eval_batch_size': 8,
       # Build the demo dataset if it is missing (sim2real_demo only).
       'build_if_missing': False,
@@ -190,6 +194,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict({
       'every_steps': 1_000,
       'keep': 3,
+      # Several processes agree on a SIGTERM (an all-gather, which waits for
+      # every process) at log, checkpoint and evaluation steps and every this
+      # many steps, so they stop at the same step: keep it below the
+      # scheduler's grace period (e.g. 30 s) divided by the step time. One
+      # process looks at its own SIGTERM after every step.
+      'preemption_check_every_steps': 10,
   })
   c.log_every_steps = 50
 
@@ -206,6 +216,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'sigterm_stage': '',
       'sigterm_at_step': -1,
       'crash_after_write': '',
+      # A jax.transfer_guard_device_to_host level ('disallow', 'log', ...)
+      # around the training steps between two check points (log,
+      # checkpoint, evaluation): no device-to-host read happens there.
+      'transfer_guard': '',
+      # Read the metrics (a host sync) and agree on a SIGTERM after every
+      # step: the step loop before issue 14 (benchmarks/step_loop.py).
+      'sync_every_step': False,
   })
   return apply_arg(c, arg, {})
 

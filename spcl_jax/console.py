@@ -342,8 +342,8 @@ class TrainProgress:
     self.window_start, self.window_first = None, step
 
   def step_done(self, step: int) -> None:
-    """Called after each step, once its result is on the host; the first
-    call starts the timing window."""
+    """Called once the run's first step has finished (compiled, and on a
+    resume restored): starts the timing window. Later calls do nothing."""
     if self.window_start is None:
       self.window_start, self.window_first = self.clock(), step
 

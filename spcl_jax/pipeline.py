@@ -56,6 +56,7 @@ from spcl_jax.models import layers
 from spcl_jax import reporting
 from spcl_jax import sharding as sharding_lib
 from spcl_jax import spcl
+from spcl_jax import step_loop
 from spcl_jax import train
 from spcl_jax import workdir as workdir_lib
 
@@ -85,10 +86,19 @@ STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
 # Config keys that may differ when a workdir is resumed.
 _RESUMABLE_CHANGES = ('stages_to_run', 'testing.', 'data.data_dir',
                       'log_every_steps', 'evaluation.dashboard_images',
-                      'model.remat')   # the same gradients, less memory
+                      'model.remat',   # the same gradients, less memory
+                      # when and how batches are read, not which ones; where
+                      # several processes may stop, not what they compute
+                      'data.device_prefetch',
+                      'checkpoint.preemption_check_every_steps')
 # Fields added after workdirs were written, with the value that reproduces
 # what those workdirs ran: absent there and this value here is no change.
 _ADDED_FIELDS = {'model.remat': 'none', 'micro_batches': 1}
+
+
+# `testing.transfer_guard`: '' (none) or a jax.transfer_guard level.
+TRANSFER_GUARD_LEVELS = ('', 'allow', 'log', 'disallow', 'log_explicit',
+                         'disallow_explicit')
 
 
 class Preempted(Exception):
@@ -181,6 +191,18 @@ def validate(config: ml_collections.ConfigDict,
     problems.append('stages.self_training.source_weight = '
                     f'{config.stages.self_training.source_weight} must be '
                     '>= 0 (the weight of the source cross-entropy)')
+  every = config.checkpoint.preemption_check_every_steps
+  if not (isinstance(every, int) and every >= 1):
+    problems.append(f'checkpoint.preemption_check_every_steps = {every!r} '
+                    'must be an integer >= 1')
+  prefetch = config.data.device_prefetch
+  if not (isinstance(prefetch, int) and prefetch >= 0):
+    problems.append(f'data.device_prefetch = {prefetch!r} must be an '
+                    'integer >= 0 (0: no prefetching)')
+  if config.testing.transfer_guard not in TRANSFER_GUARD_LEVELS:
+    problems.append(f'testing.transfer_guard: '
+                    f'{config.testing.transfer_guard!r}, expected one of '
+                    f'{TRANSFER_GUARD_LEVELS}')
   if config.data.source_scale_range and not config.data.source_crop_size:
     problems.append('data.source_scale_range = '
                     f'{tuple(config.data.source_scale_range)} needs '
@@ -291,6 +313,8 @@ def _crash_after(ctx, write: str, wait=None) -> None:
 
 
 def _any_process(flag: bool) -> bool:
+  """Whether `flag` is set on any process: a collective (an all-gather that
+  waits for every process) when there are several."""
   if jax.process_count() == 1:
     return flag
   return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
@@ -503,18 +527,22 @@ def _initial_state(ctx, stage, model):
   return jax.device_put(state, sharding_lib.replicated(ctx.mesh)), tx, parts
 
 
-def _check_finite(stage_name, step, metrics, checkpoints) -> None:
-  values = {k: float(v) for k, v in metrics.compute().items()}
-  bad = [k for k, v in values.items() if not np.isfinite(v)]
-  if bad:
-    last = checkpoints.latest_step()
-    where = (f'the last good checkpoint is step {last} in '
-             f'{checkpoints.manager.directory}' if last is not None else
-             'no checkpoint of this stage was written yet')
-    raise NonFiniteLossError(
-        f'stage {stage_name}: non-finite {", ".join(bad)} at step {step} '
-        f'({", ".join(f"{k}={values[k]}" for k in bad)}); {where}. Nothing '
-        'was saved after it.')
+def _check_finite(stage_name, step, watch, checkpoints) -> dict:
+  """The metrics' means since the last log, read on the host (this waits
+  for the steps dispatched so far); raises NonFiniteLossError naming the
+  first step whose metrics were not finite and the last good checkpoint
+  (every checkpoint is written after a check: none holds a non-finite
+  state)."""
+  reading = watch.read()
+  last = checkpoints.latest_step()
+  message = step_loop.non_finite_message(
+      stage_name, step, reading,
+      f'the last good checkpoint is step {last} in '
+      f'{checkpoints.manager.directory}' if last is not None else
+      'no checkpoint of this stage was written yet')
+  if message:
+    raise NonFiniteLossError(message)
+  return reading.means
 
 
 def state_digest(state) -> str:
@@ -547,8 +575,9 @@ def _train_stage(ctx, stage: Stage, opened: list) -> dict:
   eval_model = train.model_for_stage(config, False)
   state, tx, parts = _initial_state(ctx, stage, model)
   specs = _train_specs(ctx, stage)
-  iterators = {name: ip.GlobalBatchIterator(ip.train_loader(spec), ctx.mesh)
-               for name, spec in specs.items()}
+  iterators = {name: step_loop.DevicePrefetch(
+      ip.GlobalBatchIterator(ip.train_loader(spec), ctx.mesh),
+      config.data.device_prefetch) for name, spec in specs.items()}
   opened.extend(iterators.values())
   checkpoints = checkpoint.StageCheckpoints(
       ctx.stage_dir(stage.name, 'checkpoints'), config.checkpoint.keep,
@@ -572,14 +601,35 @@ def _train_stage(ctx, stage: Stage, opened: list) -> dict:
   progress = console.TrainProgress(
       stage.name, step, cfg.steps,
       sum(s.global_batch_size for s in specs.values()))
-  accumulated = None
+  watch = step_loop.MetricsWatch(step, sharding_lib.replicated(ctx.mesh))
   history_path = ctx.stage_dir(stage.name, 'eval_history.json')
   history = [h for h in (workdir_lib.read_json(history_path) if os.path.exists(
       history_path) else []) if h['step'] <= step]
   invalid_pixels, result, last_saved = 0, None, latest
+  timing = False   # set once this run's first step is done (rate window)
+  # The host reads the devices only at check points: log, checkpoint and
+  # evaluation steps (and every step with testing.sync_every_step, the loop
+  # before issue 14). With several processes, they agree on a SIGTERM (a
+  # collective) at those and every checkpoint.preemption_check_every_steps;
+  # one process looks at its flag after every step.
+  agree_every = (1 if config.testing.sync_every_step or jax.process_count()
+                 == 1 else config.checkpoint.preemption_check_every_steps)
 
   def is_eval_step(step):
     return step % cfg.eval_every_steps == 0 or step == cfg.steps
+
+  def is_log_step(step):
+    return step % config.log_every_steps == 0 or step == cfg.steps
+
+  def is_save_step(step):
+    return step % config.checkpoint.every_steps == 0 or step == cfg.steps
+
+  def is_check_step(step):
+    return (config.testing.sync_every_step or is_log_step(step)
+            or is_save_step(step) or is_eval_step(step))
+
+  def is_agree_step(step):
+    return step % agree_every == 0 or is_check_step(step)
 
   def evaluate_and_keep(step):
     result = evaluate(ctx, eval_model, state.variables(), eval_step,
@@ -600,25 +650,33 @@ def _train_stage(ctx, stage: Stage, opened: list) -> dict:
       and all(h['step'] != step for h in history)):
     result = evaluate_and_keep(step)   # preempted during it: it runs now
   while step < cfg.steps:
-    if (config.testing.sigterm_stage == stage.name
-        and step == config.testing.sigterm_at_step):
-      os.kill(os.getpid(), signal.SIGTERM)
-    batches = [next(iterators[name]) for name in iterators]
-    invalid_pixels += sum(int(b['invalid_label_pixels'].sum())
-                          for b in batches)
-    state, metrics = step_fn(state, *[{'image': b['image'],
-                                       'label': b['label']} for b in batches])
-    step += 1
-    _check_finite(stage.name, step, metrics, checkpoints)  # waits for it
-    progress.step_done(step)
-    accumulated = metrics if accumulated is None else accumulated.merge(
-        metrics)
-    report_progress(step)
-    if step % config.log_every_steps == 0 or step == cfg.steps:
-      scalars = progress.log(step, accumulated.compute())
+    # Between check points nothing is read from the devices: the steps are
+    # dispatched ahead of their execution and the batches prefetched.
+    with step_loop.transfer_guard(config.testing.transfer_guard):
+      if (config.testing.sigterm_stage == stage.name
+          and step == config.testing.sigterm_at_step):
+        os.kill(os.getpid(), signal.SIGTERM)
+      batches = [next(iterators[name]) for name in iterators]
+      invalid_pixels += sum(int(b['invalid_label_pixels'].sum())  # numpy
+                            for b in batches)
+      state, metrics = step_fn(state, *[{'image': b['image'],
+                                         'label': b['label']}
+                                        for b in batches])
+      step += 1
+      watch.add(metrics)
+      if not timing:   # the rate leaves out compiling / restoring
+        jax.block_until_ready(metrics)
+        progress.step_done(step)
+        timing = True
+      report_progress(step)
+    checked = is_check_step(step)
+    if checked:
+      means = _check_finite(stage.name, step, watch, checkpoints)
+    if is_log_step(step):
+      scalars = progress.log(step, means)
       scalars[f'{stage.name}/invalid_label_pixels'] = invalid_pixels
       ctx.writer.write_scalars(step, scalars)
-      accumulated = None
+      watch.reset()
     if is_eval_step(step):
       try:
         result = evaluate_and_keep(step)
@@ -629,12 +687,14 @@ def _train_stage(ctx, stage: Stage, opened: list) -> dict:
                      'checkpoint saved, the evaluation runs on resume',
                      stage.name, step)
         raise Preempted(f'{stage.name} preempted at step {step}') from None
-    if step % config.checkpoint.every_steps == 0 or step == cfg.steps:
+    if is_save_step(step):
       checkpoints.save(step, state, iterators)
       last_saved = step
       _crash_after(ctx, f'{stage.name}/checkpoints/{step}',
                    wait=checkpoints.wait)
-    if _any_process(ctx.preempted):
+    if is_agree_step(step) and _any_process(ctx.preempted):
+      if not checked:
+        _check_finite(stage.name, step, watch, checkpoints)
       if last_saved != step:
         checkpoints.save(step, state, iterators)
       checkpoints.wait()

@@ -214,18 +214,29 @@ def test_whole_pipeline_on_two_processes_equals_one_process(
 
 @pytest.mark.slow
 def test_nan_loss_stops_with_step_term_and_checkpoint(tiny_demo, tmp_path):
+  """The metrics are read at check points only (every 3 steps here, and
+  at the evaluation of step 4): the message names the first step whose
+  metrics were not finite, the check that found it and the last good
+  checkpoint, and no checkpoint holds a non-finite state."""
   result = _main(tmp_path, tiny_demo, '--config.stages.warmup.lr=1e12',
-                 '--config.stages.warmup.steps=6', config=
+                 '--config.stages.warmup.steps=6',
+                 '--config.log_every_steps=3',
+                 '--config.checkpoint.every_steps=3', config=
                  'configs/demo.py:smoke,warmup', check=False)
   assert result.returncode == 1
-  message = re.search(r'stage warmup: non-finite (.*) at step (\d+).*', 
-                      result.stderr)
+  message = re.search(
+      r'stage warmup: non-finite (.*) at step (\d+) \(between steps (\d+) '
+      r'and (\d+): .*found at the check after step (\d+).*', result.stderr)
   assert message, result.stderr[-3000:]
   assert 'loss' in message.group(1)
+  first, check = int(message.group(2)), int(message.group(5))
+  assert (int(message.group(3)), int(message.group(4))) == (first - 1, first)
+  assert first <= check and check in (3, 4, 6), message.group(0)
   assert ('last good checkpoint is step' in result.stderr
           or 'no checkpoint of this stage was written yet' in result.stderr)
   checkpoints = tmp_path / 'warmup' / 'checkpoints'
   for step in (os.listdir(checkpoints) if checkpoints.exists() else []):
+    assert int(step) < first, step
     state = _flatten(_tree(checkpoints / step / 'state'))
     assert all(np.isfinite(v).all() for v in state.values()), step
   assert not (tmp_path / 'warmup' / 'done.json').exists()
@@ -328,7 +339,7 @@ def test_source_geometry_switch_builds_the_source_stream():
         ctx, pipeline.STAGE_BY_NAME['warmup'])['source_iterator']
 
   released = source_spec()   # resized to source_size, no crop, no flip
-  assert released.size == (96, 192)
+  assert released.size == (128, 256)
   assert (released.crop, released.scale_range, released.flip) == (
       None, None, False)
   assert not any(isinstance(op, ip.RandomScaleCropFlip)
