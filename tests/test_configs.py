@@ -12,7 +12,7 @@ from spcl_jax import pipeline
     ('synthia', ''), ('synthia', 'vgg16'), ('synscapes', ''), ('demo', ''),
     ('demo', 'smoke'), ('demo', 'oracle,warmup'), ('demo', 'source_only'),
     ('demo', 'pretrained,class_balanced'), ('demo', 'scratch,released_labels'),
-    ('gta5', 'class_balanced')])
+    ('demo', 'res96,scratch,released_labels'), ('gta5', 'class_balanced')])
 def test_every_config_and_variant_validates(name, args):
   config = importlib.import_module(f'configs.{name}').get_config(args)
   # the recipes on one GPU node of the paper; the CPU demo's 2 + 2 images a
@@ -57,6 +57,39 @@ def test_demo_defaults_to_the_shipped_backbone_and_class_balanced_labels():
   old.stages.pseudo_labels_2.threshold_quantile = 0.8
   old.stages.pseudo_labels_2.threshold_cap = 1.0
   assert old.to_dict() == config.to_dict()
+
+
+def test_res96_is_the_demo_size_of_results_1_to_4():
+  """`:res96` restores the size and batches RESULTS.md §1-§4 measured
+  (96x192, 4 + 4 images, self-training 8 crops of 96x192 at 0.5-1.0x) and
+  changes nothing else; the default trains on the same pixels per step."""
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  config, res96 = demo.get_config(), demo.get_config('res96')
+  assert res96.data.eval_size == res96.data.source_size == (96, 192)
+  assert res96.stages.warmup.source_batch_size == 4
+  assert (res96.stages.self_training.target_batch_size,
+          res96.stages.self_training.crop_size,
+          res96.stages.self_training.scale_range) == (8, (96, 192), (0.5, 1.0))
+  pixels = lambda c: (c.stages.warmup.source_batch_size
+                      * c.data.source_size[0] * c.data.source_size[1])
+  assert 0.85 < pixels(config) / pixels(res96) <= 1.0
+  for field in ('data.source_size', 'data.target_size', 'data.eval_size',
+                'stages.warmup.source_batch_size',
+                'stages.warmup.target_batch_size',
+                'stages.spcl.source_batch_size',
+                'stages.spcl.target_batch_size',
+                'stages.self_training.target_batch_size',
+                'stages.self_training.crop_size',
+                'stages.self_training.scale_range'):
+    *parents, key = field.split('.')
+    node = res96
+    for parent in parents:
+      node = node[parent]
+    expected = config
+    for part in field.split('.'):
+      expected = expected[part]
+    node[key] = expected
+  assert res96.to_dict() == config.to_dict()
 
 
 def test_unknown_config_argument_is_named():
