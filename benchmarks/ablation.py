@@ -52,7 +52,6 @@ import ast
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -64,6 +63,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from benchmarks import seed_stats
 from configs import default
 from spcl_jax import input_pipeline as ip
 from spcl_jax import labels as label_table
@@ -356,19 +356,6 @@ def run_row(config, row: Row, seed: int, workdir: str) -> dict:
 
 # --------------------------------------------------------------- summaries --
 
-def _mean_std(values):
-  values = np.asarray(values, np.float64)
-  std = float(values.std(ddof=1)) if len(values) > 1 else None
-  return float(values.mean()), std
-
-
-def paired_difference(values, baseline) -> dict:
-  """Mean of per-seed differences and its standard error (None for 1 seed)."""
-  d = np.asarray(values, np.float64) - np.asarray(baseline, np.float64)
-  se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else None
-  return {'mean': float(d.mean()), 'se': se}
-
-
 def summarize(rows: list[Row], results: dict, steps: dict) -> dict:
   table = {}
   for row in rows:
@@ -377,12 +364,13 @@ def summarize(rows: list[Row], results: dict, steps: dict) -> dict:
     if not runs:
       continue
     mious = [r['miou'] for r in runs]
-    mean, std = _mean_std(mious)
+    mean, std = seed_stats.mean_std(mious)
     classes = runs[0]['per_class_iou']
     table[row.name] = {
         'description': row.description, 'stages': list(row.stages),
         'mious': mious, 'miou_mean': mean, 'miou_std': std,
-        'tail_miou_mean': _mean_std([r['tail_miou'] for r in runs])[0],
+        'tail_miou_mean': seed_stats.mean_std(
+            [r['tail_miou'] for r in runs])[0],
         'per_class_iou_mean': {c: float(np.mean([r['per_class_iou'][c]
                                                  for r in runs]))
                                for c in classes},
@@ -395,7 +383,7 @@ def summarize(rows: list[Row], results: dict, steps: dict) -> dict:
                        ('vs_baseline', entry['baseline'])):
       if other and other in table and other != name:
         n = min(len(entry['mious']), len(table[other]['mious']))
-        entry[key] = paired_difference(entry['mious'][:n],
+        entry[key] = seed_stats.paired_difference(entry['mious'][:n],
                                        table[other]['mious'][:n])
   if 'source_only' in table and 'oracle' in table:
     gap = table['oracle']['miou_mean'] - table['source_only']['miou_mean']
@@ -404,10 +392,6 @@ def summarize(rows: list[Row], results: dict, steps: dict) -> dict:
                               table['source_only']['miou_mean']) / gap
                              if gap > 0 else None)
   return table
-
-
-def _fmt(value, digits=1):
-  return '–' if value is None else f'{value:.{digits}f}'
 
 
 def markdown(table: dict, meta: dict) -> str:
@@ -420,14 +404,13 @@ def markdown(table: dict, meta: dict) -> str:
            '|---|---|---|---|---|---|---|---|']
   for name, e in table.items():
     def delta(key):
-      d = e.get(key)
-      return '–' if d is None else f'{d["mean"]:+.1f} ± {_fmt(d["se"])}'
+      return seed_stats.fmt_difference(e.get(key))
     lines.append(
         f'| {name} | {e["description"]} | {e["miou_mean"]:.1f} ± '
-        f'{_fmt(e["miou_std"])} | {e["tail_miou_mean"]:.1f} | '
+        f'{seed_stats.fmt(e["miou_std"])} | {e["tail_miou_mean"]:.1f} | '
         f'{delta("vs_source_only")} | {e["baseline"] or "–"} | '
         f'{delta("vs_baseline")} | '
-        f'{_fmt(e.get("gap_closed") and 100 * e["gap_closed"], 0)}'
+        f'{seed_stats.fmt(e.get("gap_closed") and 100 * e["gap_closed"], 0)}'
         f'{"%" if e.get("gap_closed") is not None else ""} |')
   classes = [c for c in label_table.CLASS_NAMES
              if any(c in e['per_class_iou_mean'] for e in table.values())]
@@ -438,7 +421,8 @@ def markdown(table: dict, meta: dict) -> str:
             '|---|' + '---|' * len(classes)]
   for name, e in table.items():
     lines.append(f'| {name} | ' + ' | '.join(
-        _fmt(e['per_class_iou_mean'].get(c)) for c in classes) + ' |')
+        seed_stats.fmt(e['per_class_iou_mean'].get(c)) for c in classes)
+                 + ' |')
   lines += ['', f'Wall time: {meta["wall_time_s"] / 60:.1f} min on '
             f'{meta["machine"]}.', '']
   return '\n'.join(lines)

@@ -122,9 +122,11 @@ class ConfigMismatchError(ValueError):
 # ------------------------------------------------------------------ checks --
 
 def validate(config: ml_collections.ConfigDict,
-             num_devices: int | None = None) -> None:
+             num_devices: int | None = None,
+             stages: tuple = STAGES) -> None:
   """Semantic checks that fail before anything is compiled (batch sizes
-  against `num_devices`, default: every device of every process)."""
+  against `num_devices`, default: every device of every process; stage
+  names against `stages`)."""
   from configs import default as default_config  # pylint: disable=g-import-not-at-top
   problems = list(default_config.released_conflicts(config))
   if config.chain_model not in CHAIN_MODELS:
@@ -144,9 +146,9 @@ def validate(config: ml_collections.ConfigDict,
     problems.append(f'seed = {config.seed!r} must be an integer in '
                     f'[0, {SEED_LIMIT})')
   for name in config.stages_to_run:
-    if name not in STAGE_BY_NAME:
+    if name not in {s.name for s in stages}:
       problems.append(f'stages_to_run: unknown stage {name!r} (known: '
-                      f'{[s.name for s in STAGES]})')
+                      f'{[s.name for s in stages]})')
   if config.model.name not in models.MODELS:
     problems.append(f'model.name: unknown model {config.model.name!r} '
                     f'(known: {sorted(models.MODELS)})')
@@ -174,7 +176,7 @@ def validate(config: ml_collections.ConfigDict,
     problems.append(f"stages.spcl.target_mask: "
                     f"{config.stages.spcl.target_mask!r}, expected 'offline' "
                     "or 'online'")
-  for name in ('pseudo_labels', 'pseudo_labels_2'):
+  for name in [s.name for s in stages if s.kind == 'pseudo_labels']:
     if config.stages[name].labels_from not in LABEL_SOURCES:
       problems.append(f"stages.{name}.labels_from: "
                       f"{config.stages[name].labels_from!r}, expected one "
@@ -216,6 +218,9 @@ def validate(config: ml_collections.ConfigDict,
                 ('pseudo_labels_2', 'batch_size'))
   if config.stages.self_training.source_batch_size:  # 0: target only
     batch_keys += (('self_training', 'source_batch_size'),)
+  for extra in stages[len(STAGES):]:   # each a copy of its kind's block
+    batch_keys += ((extra.name, 'target_batch_size')
+                   if extra.kind == 'train' else (extra.name, 'batch_size'),)
   for stage, key in batch_keys:
     value = config.stages[stage][key]
     if value <= 0 or value % devices:
@@ -225,7 +230,7 @@ def validate(config: ml_collections.ConfigDict,
   if config.data.eval_batch_size % devices:
     problems.append(f'data.eval_batch_size = {config.data.eval_batch_size} '
                     f'must be a multiple of the {devices} devices')
-  for name in ('warmup', 'spcl', 'self_training'):
+  for name in [s.name for s in stages if s.kind == 'train']:
     stage = config.stages[name]
     if not 0 < stage.steps <= stage.schedule_steps:
       problems.append(f'stages.{name}: need 0 < steps ({stage.steps}) <= '
@@ -289,6 +294,11 @@ class Context:
   writer: metric_writers.MetricWriter
   preempted: bool = False
   pass_batches_done: int = 0   # by `pass_batches`, for the SIGTERM hook
+  # the stages of the run: `STAGES`, or them and more (`run`'s `stages`)
+  stages: tuple = STAGES
+
+  def stage(self, name: str) -> Stage:
+    return {s.name: s for s in self.stages}[name]
 
   def stage_dir(self, name: str, *parts: str) -> str:
     return os.path.join(self.workdir, name, *parts)
@@ -338,13 +348,16 @@ SEED_LIMIT = 2 ** 31
 SEED_STREAMS = ('source', 'target', 'state')
 
 
-def stream_seed(seed: int, stage_name: str, stream: str) -> int:
+def stream_seed(seed: int, stage_name: str, stream: str,
+                stages: tuple = STAGES) -> int:
   """A reproducible seed in [0, 2**31) for one stage and stream ('source',
   'target', 'state': the train state's PRNG key and initialisation) of the
   run `seed`. Seeds below 2**31 // 1000 keep their earlier derivation
   (seed * 1000 + 10 * stage + stream), so recorded runs stay reproducible;
-  larger ones, which used to overflow, go through numpy's SeedSequence."""
-  stage, index = [s.name for s in STAGES].index(stage_name), (
+  larger ones, which used to overflow, go through numpy's SeedSequence.
+  A stage's number is its place in `stages` (those after `STAGES` extend
+  it, so the seeds of `STAGES` stay the same)."""
+  stage, index = [s.name for s in stages].index(stage_name), (
       SEED_STREAMS.index(stream))
   if seed < SEED_LIMIT // 1000:
     return seed * 1000 + stage * 10 + index
@@ -353,7 +366,7 @@ def stream_seed(seed: int, stage_name: str, stream: str) -> int:
 
 
 def _seed(ctx, stage_name: str, stream: str) -> int:
-  return stream_seed(ctx.config.seed, stage_name, stream)
+  return stream_seed(ctx.config.seed, stage_name, stream, ctx.stages)
 
 
 def _train_specs(ctx, stage: Stage) -> dict:
@@ -411,8 +424,8 @@ def pass_batches(ctx, stage_name: str, spec: ip.PipelineSpec, **kw):
   tests, `testing.sigterm_stage` = a pass stage's name sends SIGTERM before
   its batch number `testing.sigterm_at_step` (counted over its passes)."""
   testing = ctx.config.testing
-  hooked = (testing.sigterm_stage == stage_name in STAGE_BY_NAME
-            and STAGE_BY_NAME[stage_name].kind != 'train')  # there: steps
+  hooked = (testing.sigterm_stage == stage_name
+            and ctx.stage(stage_name).kind != 'train')  # there: steps
   for batch in ip.eval_batches(spec, **kw):
     if hooked:
       if ctx.pass_batches_done == testing.sigterm_at_step:
@@ -906,7 +919,7 @@ def update_report(ctx, stage_name: str, result: dict,
   if only_if_missing and stage_name in report['stages']:
     return
   report['stages'][stage_name] = result
-  order = [s.name for s in STAGES]
+  order = [s.name for s in ctx.stages]
   report['stages'] = dict(sorted(report['stages'].items(),
                                  key=lambda item: order.index(item[0])))
   report['config'] = config_to_json(ctx.config)
@@ -914,18 +927,25 @@ def update_report(ctx, stage_name: str, result: dict,
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
-        allow_config_change: bool = False) -> dict:
-  """Runs `config.stages_to_run` in order; returns the report's stages."""
-  validate(config)
+        allow_config_change: bool = False, stages: tuple = STAGES) -> dict:
+  """Runs `config.stages_to_run` in order; returns the report's stages.
+  `stages`: the pipeline's stages (`STAGES`, or them followed by more, each
+  with a block `config.stages.<name>` of its kind: experiments such as
+  benchmarks/self_training_rounds.py)."""
+  if tuple(stages[:len(STAGES)]) != STAGES:
+    raise ValueError('stages must begin with pipeline.STAGES (the seeds of '
+                     'a stage follow its place)')
+  validate(config, stages=stages)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   check_workdir_config(config, workdir, allow_config_change)
   writer = metric_writers.create_default_writer(
       os.path.join(workdir, 'tensorboard'),
       just_logging=jax.process_index() > 0)
-  ctx = Context(config, workdir, sharding_lib.make_mesh(), writer)
+  ctx = Context(config, workdir, sharding_lib.make_mesh(), writer,
+                stages=tuple(stages))
   if jax.process_index() == 0:
-    workdir_lib.remove_litter(workdir, [s.name for s in STAGES])
+    workdir_lib.remove_litter(workdir, [s.name for s in stages])
   _sync('litter-removed')
   previous = signal.signal(signal.SIGTERM, lambda *_: setattr(
       ctx, 'preempted', True))
@@ -936,11 +956,11 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                             else str(v)
                             for k, v in _flatten(config_to_json(config)).items()})
     _ensure_demo_data(ctx)
-    if any(STAGE_BY_NAME[n].kind == 'train' for n in config.stages_to_run):
+    if any(ctx.stage(n).kind == 'train' for n in config.stages_to_run):
       ip.check_labelled(config.data.target, config.data.val_split,
                         ctx.data_dir())   # before training, not at its end
     results = {}
-    for stage in STAGES:
+    for stage in ctx.stages:
       if stage.name not in config.stages_to_run:
         continue
       if ctx.is_done(stage.name):
@@ -968,7 +988,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       logging.info('%s', reporting.stage_line(stage.kind, stage.name, result))
       results[stage.name] = result
     table = reporting.evaluated_stages_table(
-        results, {name: STAGE_BY_NAME[name].kind for name in results})
+        results, {name: ctx.stage(name).kind for name in results})
     if table:
       logging.info('evaluated stages (%s):\n%s', config.data.val_split, table)
     return results

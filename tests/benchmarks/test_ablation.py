@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from benchmarks import ablation
+from benchmarks import seed_stats
 from configs import demo
 
 
@@ -73,11 +74,11 @@ def test_stages_are_shared_exactly_where_identical():
 
 
 def test_paired_difference_and_summary_by_hand():
-  d = ablation.paired_difference([31.0, 33.0, 35.0], [30.0, 30.0, 30.0])
+  d = seed_stats.paired_difference([31.0, 33.0, 35.0], [30.0, 30.0, 30.0])
   assert d['mean'] == pytest.approx(3.0)
   # differences 1, 3, 5: std 2, se 2 / sqrt(3)
   assert d['se'] == pytest.approx(2 / 3 ** 0.5)
-  assert ablation.paired_difference([1.0], [0.0])['se'] is None
+  assert seed_stats.paired_difference([1.0], [0.0])['se'] is None
   rows = _rows('source_only', 'full_spcl', 'self_training_no_cl', 'oracle')
   per_class = {'road': 1.0}
   results = {}
