@@ -68,6 +68,7 @@ from configs import default
 from spcl_jax import input_pipeline as ip
 from spcl_jax import labels as label_table
 from spcl_jax import pipeline
+from spcl_jax import stage_graph
 from spcl_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file[:args]',
@@ -253,7 +254,7 @@ def row_steps(config, row: Row) -> int:
 def stage_key(config, stage_name: str) -> str:
   """Identity of a stage's output: the seed, everything outside `stages`
   that can change it, its own stage config and its inputs' keys."""
-  stage = pipeline.STAGE_BY_NAME[stage_name]
+  stage = stage_graph.STAGE_BY_NAME[stage_name]
   flat = pipeline.config_to_json(config)
   identity = {
       'seed': flat['seed'],

@@ -34,15 +34,6 @@ from benchmarks import seed_stats
 from spcl_jax import pipeline
 from spcl_jax import workdir as workdir_lib
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'config file[:args]',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'output directory')
-_SEEDS = flags.DEFINE_integer('seeds', 3, 'seeds 0 .. N-1 (added to '
-                              'config.seed)')
-_QUANTILES = flags.DEFINE_list('quantiles', ['0.8', '0.5'],
-                               'class-wise confidence quantiles of the '
-                               'round-2 pseudo labels, each in (0, 1)')
-
 ROUND1 = 'self_training'
 CONTROL = 'more_steps'
 
@@ -170,14 +161,28 @@ def run_rounds(base, workdir: str, seeds: int, quantiles) -> dict:
   return result
 
 
+def define_flags() -> None:
+  """The command's flags, defined when it runs as a program only (the
+  tests import this module beside benchmarks.ablation, which defines a
+  `config` flag of its own)."""
+  config_flags.DEFINE_config_file('config', None, 'config file[:args]',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'output directory')
+  flags.DEFINE_integer('seeds', 3, 'seeds 0 .. N-1 (added to config.seed)')
+  flags.DEFINE_list('quantiles', ['0.8', '0.5'], 'class-wise confidence '
+                    'quantiles of the round-2 pseudo labels, each in (0, 1)')
+  flags.mark_flags_as_required(['config', 'workdir'])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
   try:
-    quantiles = parse_quantiles(_QUANTILES.value)
-    result = run_rounds(_CONFIG.value, _WORKDIR.value, _SEEDS.value,
+    options = flags.FLAGS
+    quantiles = parse_quantiles(options.quantiles)
+    result = run_rounds(options.config, options.workdir, options.seeds,
                         quantiles)
   except (ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
@@ -186,5 +191,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config', 'workdir'])
+  define_flags()
   app.run(main)

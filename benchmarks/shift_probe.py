@@ -29,8 +29,8 @@ from data_prep import sim2real_render as render_lib
 from spcl_jax import evaluation
 from spcl_jax import input_pipeline as ip
 from spcl_jax import labels as label_table
-from spcl_jax import pipeline
 from spcl_jax import sharding
+from spcl_jax import stage_context
 from spcl_jax import train
 
 
@@ -150,7 +150,7 @@ def main(argv):
     for name in variants:
       variant_style(name)
     model = train.model_for_stage(args.config, False)
-    variables = pipeline.load_variables(
+    variables = stage_context.load_variables(
         args.model_dir, model, sharding.make_mesh(jax.devices()))
     results = probe(args.config, variables, variants, args.num_images)
   except (ValueError, FileNotFoundError) as e:

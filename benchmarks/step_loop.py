@@ -1,4 +1,4 @@
-r"""Steps/s of the training loop (`pipeline._train_stage`) with the loop
+r"""Steps/s of the training loop (`train_stage._train_stage`) with the loop
 before issue 14 (the metrics read on the host after every step, each batch
 made when the step asks for it) and the loop now (the metrics read only at
 check points, the next batches prefetched onto the devices), side by side

@@ -13,7 +13,8 @@ Sizes are (height, width). Step counts: `steps` is where a stage stops,
 
 import ml_collections
 
-# The pipeline's stages, in order (spcl_jax.pipeline.STAGES holds their wiring).
+# The pipeline's stages, in order (spcl_jax.stage_graph.STAGES holds their
+# wiring).
 STAGE_NAMES = ('warmup', 'prototypes', 'pseudo_labels', 'spcl',
                'pseudo_labels_2', 'self_training')
 

@@ -69,9 +69,9 @@ import numpy as np
 from spcl_jax import evaluation
 from spcl_jax import input_pipeline as ip
 from spcl_jax import labels as label_table
-from spcl_jax import pipeline
 from spcl_jax import sharding as sharding_lib
 from spcl_jax import spcl
+from spcl_jax import stage_context
 from spcl_jax import trained_model
 from spcl_jax import train
 from spcl_jax import workdir as workdir_lib
@@ -392,7 +392,7 @@ def analyze(workdir: str, output: str | None = None, stages=None,
   names = label_table.class_names(data.label_space)
   indices = {d: sample_indices(len(sources[d]), num_images, seed, d)
              for d in DOMAINS}
-  specs = {d: pipeline._eval_spec(  # pylint: disable=protected-access
+  specs = {d: stage_context.eval_spec(
       ctx, name, split, size, data.eval_batch_size, resize_label=True)
            for d, (name, split, size) in domains.items()}
   model = train.model_for_stage(config, False)

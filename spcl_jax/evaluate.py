@@ -37,7 +37,7 @@ import ml_collections
 from spcl_jax import inference
 from spcl_jax import input_pipeline as ip
 from spcl_jax import labels as label_table
-from spcl_jax import pipeline
+from spcl_jax import stage_context
 from spcl_jax import tables
 from spcl_jax import trained_model
 from spcl_jax import workdir as workdir_lib
@@ -66,7 +66,7 @@ def evaluation_config(config: ml_collections.ConfigDict, dataset: str,
                       ) -> ml_collections.ConfigDict:
   """The workdir's config made to evaluate `dataset:split` from `data_dir`
   on `class_sets`, in batches that split over the devices (what
-  `pipeline.evaluate` reads)."""
+  `stage_context.evaluate` reads)."""
   config = ml_collections.ConfigDict(config.to_dict())
   for size in class_sets:
     label_table.class_set_indices(size, config.data.label_space)
@@ -105,7 +105,7 @@ def evaluate(workdir: str, stage: str | None = None,
                'flip' if flip else 'no flip')
   model, variables = trained_model.load(ctx, stage)
   eval_step = jax.jit(inference.make_eval_step(model, scales, flip))
-  result = pipeline.evaluate(ctx, model, variables, eval_step)
+  result = stage_context.evaluate(ctx, model, variables, eval_step)
   metrics = {**result, 'stage': stage, 'checkpoint': checkpoint,
              'model_directory': model_dir, 'dataset': dataset,
              'split': split, 'data_dir': data_dir, 'flip': flip,

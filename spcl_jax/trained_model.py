@@ -14,12 +14,13 @@ import jax
 import ml_collections
 
 from spcl_jax import console
-from spcl_jax import pipeline
 from spcl_jax import sharding as sharding_lib
+from spcl_jax import stage_context
+from spcl_jax import stage_graph
 from spcl_jax import train
 from spcl_jax import workdir as workdir_lib
 
-CHECKPOINTS = pipeline.CHAIN_MODELS   # 'final' | 'best'
+CHECKPOINTS = stage_context.CHAIN_MODELS   # 'final' | 'best'
 
 
 class StageNotAvailableError(FileNotFoundError):
@@ -94,13 +95,13 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 def finished_stages(workdir: str) -> list[str]:
   """Stages with a done.json, in pipeline order."""
-  return [s.name for s in pipeline.STAGES
+  return [s.name for s in stage_graph.STAGES
           if os.path.exists(os.path.join(workdir, s.name, 'done.json'))]
 
 
 def finished_training_stages(workdir: str) -> list[str]:
   return [name for name in finished_stages(workdir)
-          if pipeline.STAGE_BY_NAME[name].kind == 'train']
+          if stage_graph.STAGE_BY_NAME[name].kind == 'train']
 
 
 def choose_stage(workdir: str, stage: str | None = None) -> str:
@@ -114,16 +115,16 @@ def choose_stage(workdir: str, stage: str | None = None) -> str:
     if not trained:
       raise StageNotAvailableError(f'no finished training stage; {listing}')
     return trained[-1]
-  if stage not in pipeline.STAGE_BY_NAME:
+  if stage not in stage_graph.STAGE_BY_NAME:
     raise StageNotAvailableError(
         f'unknown stage {stage!r} (stages: '
-        f'{[s.name for s in pipeline.STAGES]}); {listing}')
+        f'{[s.name for s in stage_graph.STAGES]}); {listing}')
   if stage not in finished:
     raise StageNotAvailableError(f'stage {stage!r} is not finished; '
                                  f'{listing}')
   if stage not in trained:
     raise StageNotAvailableError(
-        f'stage {stage!r} is a {pipeline.STAGE_BY_NAME[stage].kind} stage '
+        f'stage {stage!r} is a {stage_graph.STAGE_BY_NAME[stage].kind} stage '
         f'and has no model; {listing}')
   return stage
 
@@ -143,7 +144,7 @@ def check_output_dir(path: str) -> str:
 
 
 def context(config: ml_collections.ConfigDict, workdir: str,
-            checkpoint: str = 'final') -> pipeline.Context:
+            checkpoint: str = 'final') -> stage_context.Context:
   """A pipeline context over every device that reads `checkpoint` ('final'
   or 'best') models and writes nothing (no metric writer)."""
   if checkpoint not in CHECKPOINTS:
@@ -151,13 +152,13 @@ def context(config: ml_collections.ConfigDict, workdir: str,
                      f'{CHECKPOINTS}')
   config = ml_collections.ConfigDict(config.to_dict())
   config.chain_model = checkpoint
-  return pipeline.Context(config, os.path.abspath(workdir),
-                          sharding_lib.make_mesh(), writer=None)
+  return stage_context.Context(config, os.path.abspath(workdir),
+                               sharding_lib.make_mesh(), writer=None)
 
 
-def model_directory(ctx: pipeline.Context, stage: str) -> str:
+def model_directory(ctx: stage_context.Context, stage: str) -> str:
   """The saved model `ctx` reads for `stage`, checked to exist."""
-  directory = pipeline.model_directory(ctx, stage)
+  directory = stage_context.model_directory(ctx, stage)
   if not os.path.isdir(directory):
     raise FileNotFoundError(
         f'the {ctx.config.chain_model} model of stage {stage!r} is missing: '
@@ -165,11 +166,11 @@ def model_directory(ctx: pipeline.Context, stage: str) -> str:
   return directory
 
 
-def load(ctx: pipeline.Context, stage: str):
+def load(ctx: stage_context.Context, stage: str):
   """(model, variables replicated over the mesh) of a training stage."""
   model = train.model_for_stage(ctx.config, False)
-  variables = pipeline.load_variables(model_directory(ctx, stage), model,
-                                      ctx.mesh)
+  variables = stage_context.load_variables(model_directory(ctx, stage),
+                                           model, ctx.mesh)
   return model, variables
 
 

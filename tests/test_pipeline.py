@@ -309,12 +309,12 @@ def test_workdir_of_another_config_is_refused(tiny_demo, tmp_path):
 
 
 def test_written_pseudo_labels_take_the_self_training_path_apart():
-  from spcl_jax import pipeline
+  from spcl_jax import pass_stages
   ignore = 255
   model = np.array([[0, 1, ignore], [2, 2, 1]], np.uint8)
   truth = np.array([[0, 2, 1], [2, ignore, 1]], np.uint8)
-  written = {mode: pipeline.written_pseudo_labels(mode, model, truth)
-             for mode in pipeline.LABEL_SOURCES}
+  written = {mode: pass_stages.written_pseudo_labels(mode, model, truth)
+             for mode in pass_stages.LABEL_SOURCES}
   np.testing.assert_array_equal(written['model'], model)
   np.testing.assert_array_equal(written['stored'], truth)
   # the model's coverage (5 pixels kept), every kept label the true one
@@ -324,19 +324,21 @@ def test_written_pseudo_labels_take_the_self_training_path_apart():
   np.testing.assert_array_equal(written['model_where_correct'],
                                 [[0, ignore, ignore], [2, ignore, 1]])
   with pytest.raises(ValueError, match="'truth'.*expected one of"):
-    pipeline.written_pseudo_labels('truth', model, truth)
+    pass_stages.written_pseudo_labels('truth', model, truth)
 
 
 def test_source_geometry_switch_builds_the_source_stream():
   from configs import demo
   from spcl_jax import input_pipeline as ip
   from spcl_jax import pipeline
+  from spcl_jax import stage_context
+  from spcl_jax import stage_graph
   config = demo.get_config()
 
   def source_spec():
-    ctx = pipeline.Context(config, '/nowhere', mesh=None, writer=None)
-    return pipeline._train_specs(
-        ctx, pipeline.STAGE_BY_NAME['warmup'])['source_iterator']
+    ctx = stage_context.Context(config, '/nowhere', mesh=None, writer=None)
+    return stage_context.train_specs(
+        ctx, stage_graph.STAGE_BY_NAME['warmup'])['source_iterator']
 
   released = source_spec()   # resized to source_size, no crop, no flip
   assert released.size == (128, 256)
@@ -405,15 +407,18 @@ def test_vgg16_runs_every_stage(tiny_demo, tmp_path):
                                   2**31 - 1])
 def test_every_seed_below_2_31_gives_distinct_grain_seeds(seed):
   import grain  # pylint: disable=g-import-not-at-top
-  from spcl_jax import pipeline  # pylint: disable=g-import-not-at-top
-  seeds = {(stage.name, stream): pipeline.stream_seed(seed, stage.name,
-                                                      stream)
-           for stage in pipeline.STAGES for stream in pipeline.SEED_STREAMS}
+  from spcl_jax import stage_context  # pylint: disable=g-import-not-at-top
+  from spcl_jax import stage_graph  # pylint: disable=g-import-not-at-top
+  seeds = {(stage.name, stream): stage_context.stream_seed(seed, stage.name,
+                                                           stream)
+           for stage in stage_graph.STAGES
+           for stream in stage_context.SEED_STREAMS}
   assert len(set(seeds.values())) == len(seeds)
   for value in seeds.values():
     assert 0 <= value < 2**31
     grain.samplers.IndexSampler(10, shuffle=True, num_epochs=1, seed=value)
-  assert seeds == {key: pipeline.stream_seed(seed, *key) for key in seeds}
+  assert seeds == {key: stage_context.stream_seed(seed, *key)
+                   for key in seeds}
   if seed == 7:  # earlier runs keep their streams
     assert seeds['spcl', 'target'] == 7031
 
@@ -432,15 +437,16 @@ def test_seed_outside_range_is_refused(seed):
 def test_chain_model_picks_final_or_best_on_validation(tmp_path):
   from configs import default  # pylint: disable=g-import-not-at-top
   from spcl_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from spcl_jax import stage_context  # pylint: disable=g-import-not-at-top
   (tmp_path / 'warmup').mkdir()
   (tmp_path / 'warmup' / 'done.json').write_text(json.dumps(
       {'best_step': 2000, 'steps': 40000}))
   config = default.get_config()
-  ctx = pipeline.Context(config, str(tmp_path), mesh=None, writer=None)
-  assert pipeline.model_directory(ctx, 'warmup') == str(
+  ctx = stage_context.Context(config, str(tmp_path), mesh=None, writer=None)
+  assert stage_context.model_directory(ctx, 'warmup') == str(
       tmp_path / 'warmup' / 'model')
   config.chain_model = 'best'
-  assert pipeline.model_directory(ctx, 'warmup') == str(
+  assert stage_context.model_directory(ctx, 'warmup') == str(
       tmp_path / 'warmup' / 'best' / '2000' / 'state')
   config.chain_model = 'latest'
   with pytest.raises(ValueError, match=r"chain_model: 'latest', expected "
@@ -453,18 +459,18 @@ def test_workdir_of_an_older_version_resumes_when_added_fields_keep_its_values(
   """Fields added after a workdir was written (micro-batches, remat) are no
   change at the values that reproduce its run, and a change otherwise."""
   from configs import demo  # pylint: disable=g-import-not-at-top
-  from spcl_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from spcl_jax import config_checks  # pylint: disable=g-import-not-at-top
   config = demo.get_config('smoke')
-  older = pipeline.config_to_json(config)
+  older = config_checks.config_to_json(config)
   del older['model']['remat']
   for stage in older['stages'].values():
     stage.pop('micro_batches', None)
   (tmp_path / 'config.json').write_text(json.dumps(older))
-  pipeline.check_workdir_config(config, str(tmp_path), False)
+  config_checks.check_workdir_config(config, str(tmp_path), False)
   config.model.remat = 'blocks'   # the same gradients: resumable
-  pipeline.check_workdir_config(config, str(tmp_path), False)
+  config_checks.check_workdir_config(config, str(tmp_path), False)
   (tmp_path / 'config.json').write_text(json.dumps(older))
   config.stages.spcl.micro_batches = 2
-  with pytest.raises(pipeline.ConfigMismatchError,
+  with pytest.raises(config_checks.ConfigMismatchError,
                      match=r'stages.spcl.micro_batches: .<absent>. -> 2'):
-    pipeline.check_workdir_config(config, str(tmp_path), False)
+    config_checks.check_workdir_config(config, str(tmp_path), False)

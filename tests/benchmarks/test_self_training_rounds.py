@@ -12,6 +12,7 @@ import pytest
 from benchmarks import self_training_rounds as rounds
 from configs import demo
 from spcl_jax import pipeline
+from spcl_jax import stage_context
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 
@@ -50,12 +51,12 @@ def test_extra_stages_keep_the_seeds_of_the_pipeline_stages():
   stages = pipeline.STAGES + rounds.extra_stages([0.8])
   for seed in (0, 7, 2 ** 31 - 1):
     for stage in pipeline.STAGES:
-      for stream in pipeline.SEED_STREAMS:
-        assert pipeline.stream_seed(seed, stage.name, stream, stages) == (
-            pipeline.stream_seed(seed, stage.name, stream))
-    every = {pipeline.stream_seed(seed, s.name, stream, stages)
-             for s in stages for stream in pipeline.SEED_STREAMS}
-    assert len(every) == len(stages) * len(pipeline.SEED_STREAMS)
+      for stream in stage_context.SEED_STREAMS:
+        assert stage_context.stream_seed(seed, stage.name, stream, stages) == (
+            stage_context.stream_seed(seed, stage.name, stream))
+    every = {stage_context.stream_seed(seed, s.name, stream, stages)
+             for s in stages for stream in stage_context.SEED_STREAMS}
+    assert len(every) == len(stages) * len(stage_context.SEED_STREAMS)
 
 
 def test_run_refuses_stages_that_do_not_begin_with_the_pipeline(tmp_path):
