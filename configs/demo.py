@@ -1,5 +1,5 @@
 """The whole pipeline on the built-in `sim2real_demo` dataset with a narrow
-dilated ResNet-18 at 128x256 on the CPU (about 15 minutes on 2 cores, plus
+dilated ResNet-18 at 128x256 on the CPU (about 7 minutes on 2 cores, plus
 the dataset build on first use).
 
 As the real configs start from ImageNet weights, the demo's backbone starts

@@ -72,6 +72,11 @@ def validate(config: ml_collections.ConfigDict,
     if name not in {s.name for s in stages}:
       problems.append(f'stages_to_run: unknown stage {name!r} (known: '
                       f'{[s.name for s in stages]})')
+  blockless = [s.name for s in stages if s.name not in config.stages]
+  if blockless:   # the checks below read every stage's block
+    raise ValueError(f'invalid config: no block stages.<name> for the '
+                     f'stages {blockless} (each stage needs one of its '
+                     'kind, e.g. a copy of stages.self_training)')
   if config.model.name not in models.MODELS:
     problems.append(f'model.name: unknown model {config.model.name!r} '
                     f'(known: {sorted(models.MODELS)})')

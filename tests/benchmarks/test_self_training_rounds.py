@@ -45,6 +45,10 @@ def test_seed_config_adds_a_block_per_extra_stage():
   pipeline.validate(config, num_devices=8, stages=stages)
   with pytest.raises(ValueError, match='unknown stage'):
     pipeline.validate(config, num_devices=8)   # without the extra stages
+  plain = demo.get_config('smoke')   # no blocks for the extra stages
+  with pytest.raises(ValueError, match=r"no block stages.<name> for the "
+                     r"stages \['pseudo_labels_round2_q80', "):
+    pipeline.validate(plain, num_devices=8, stages=stages)
 
 
 def test_extra_stages_keep_the_seeds_of_the_pipeline_stages():
