@@ -35,11 +35,21 @@ from spcl_jax import pipeline
 from spcl_jax import workdir as workdir_lib
 
 ROUND1 = 'self_training'
-CONTROL = 'more_steps'
+CONTROL = 'self_training_more_steps'
 
 
 def _tag(quantile: float) -> str:
   return f'q{int(round(quantile * 100)):02d}'
+
+
+def labels_stage(quantile: float) -> str:
+  """The round-2 pseudo-label stage of `quantile`."""
+  return f'pseudo_labels_round2_{_tag(quantile)}'
+
+
+def round2_stage(quantile: float) -> str:
+  """The round-2 self-training stage of `quantile`."""
+  return f'self_training_round2_{_tag(quantile)}'
 
 
 def extra_stages(quantiles) -> tuple:
@@ -48,14 +58,14 @@ def extra_stages(quantiles) -> tuple:
   control, self-training again on round 1's labels."""
   stages = []
   for quantile in quantiles:
-    labels = f'pseudo_labels_round2_{_tag(quantile)}'
+    labels = labels_stage(quantile)
     stages += [
         pipeline.Stage(labels, 'pseudo_labels', model_from=ROUND1),
-        pipeline.Stage(f'self_training_round2_{_tag(quantile)}', 'train',
+        pipeline.Stage(round2_stage(quantile), 'train',
                        step='self_training', model_from=ROUND1,
                        pseudo_labels_from=labels)]
   stages.append(pipeline.Stage(
-      f'self_training_{CONTROL}', 'train', step='self_training',
+      CONTROL, 'train', step='self_training',
       model_from=ROUND1, pseudo_labels_from='pseudo_labels_2'))
   return tuple(stages)
 
@@ -88,7 +98,7 @@ def seed_config(base, quantiles, seed: int) -> ml_collections.ConfigDict:
                             'pseudo_labels' else ROUND1]
       config.stages[stage.name] = block.copy_and_resolve_references()
     for quantile in quantiles:
-      labels = config.stages[f'pseudo_labels_round2_{_tag(quantile)}']
+      labels = config.stages[labels_stage(quantile)]
       labels.threshold_quantile, labels.threshold_cap = quantile, 1.0
     config.stages_to_run = tuple(
         s.name for s in pipeline.STAGES + stages)
@@ -113,19 +123,17 @@ def run_seed(config, quantiles, workdir: str) -> dict:
 
 def summarize(per_seed: list, quantiles) -> dict:
   rows = {}
-  names = [ROUND1] + [f'self_training_round2_{_tag(q)}'
-                      for q in quantiles] + [f'self_training_{CONTROL}']
-  for name in names:
+  round2 = [round2_stage(q) for q in quantiles]
+  for name in [ROUND1, *round2, CONTROL]:
     mious = [seed['miou'][name] for seed in per_seed]
     mean, std = seed_stats.mean_std(mious)
     rows[name] = {'mious': mious, 'miou_mean': mean, 'miou_std': std}
     if name != ROUND1:
       rows[name]['vs_round1'] = seed_stats.paired_difference(
           mious, rows[ROUND1]['mious'])
-    if name.startswith('self_training_round2_'):
+    if name in round2:
       rows[name]['vs_more_steps'] = seed_stats.paired_difference(
-          mious, [seed['miou'][f'self_training_{CONTROL}']
-                  for seed in per_seed])
+          mious, [seed['miou'][CONTROL] for seed in per_seed])
   return rows
 
 
