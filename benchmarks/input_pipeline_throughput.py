@@ -1,23 +1,54 @@
-r"""Input-pipeline throughput (images/s) for 0, 1 and 2 grain workers, side
-by side in one run, with the recipe's training transforms.
+r"""Input-pipeline throughput: what one CPU core delivers at the recipe's
+sizes, beside what a GPU step consumes.
+
+  python -m benchmarks.input_pipeline_throughput [--images 8]
+      [--step_seconds 0.1] [--eval_step_seconds 0.035]
+
+needs no dataset: it encodes synthetic records of the real datasets' sizes
+and format (PNG image and label, serialised with the builders' TFDS
+features and decoded as `tfds.data_source` decodes them) and times, in one
+thread, decode + the recipe's transforms (`input_pipeline.transforms_of`) of
+each stream:
+
+  warm-up source   GTA5 1914x1052 resized to 1280x720, colour jitter
+  warm-up target   Cityscapes 2048x1024 resized to 1024x512
+  self-training    2048x1024 scaled 0.5-1.5, crop 512x1024, flip, jitter
+  evaluation       2048x1024 resized to 1024x512, label kept at 2048x1024
+
+in images/s per CPU core (thread CPU time, so other load on the machine
+hardly matters), the colour-jittered streams once per jitter implementation
+(`input_pipeline.COLOR_JITTERS`: the float HSV one the demo keeps and the
+released PIL one, the recipes' `data.color_jitter_implementation`), beside the images/s a GPU step consumes (4 + 4 images per warm-up /
+SPCL step, 8 per self-training step, 8 per evaluation batch, over the
+assumed step times; measure them with `benchmarks.step_vs_pytorch`), their
+ratio and the cores needed to deliver 2x the step's consumption. It also
+prints the two jitter implementations' time per image side by side, and the
+evaluation pass's wall-clock rate read by 0 and by N threads
+(`eval_batches(threads=...)`).
+
+With `--data_dir`, it reads a built dataset instead, as before: the rate for
+0, 1 and 2 grain worker processes, side by side, with the warm-up
+(`--mode warmup`: resize + colour jitter) or self-training transforms
+(`--mode self_training`: random scale 0.5-1.5, crop, flip, colour jitter):
 
   python -m benchmarks.input_pipeline_throughput --data_dir /tmp/tfds \
       --dataset sim2real_demo/default --split source_train
-
-Builds nothing: build the dataset first (`python -m data_prep.build ...`).
-`--mode warmup` uses the warm-up / SPCL source transforms (resize + colour
-jitter), `--mode self_training` the self-training ones (random scale 0.5-1.5,
-crop, flip, colour jitter).
 """
 
+import dataclasses
+import os
 import time
 
 from absl import app
 from absl import flags
+import numpy as np
+from PIL import Image
 
 from spcl_jax import input_pipeline as ip
 
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data directory')
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data directory (a '
+                                'built dataset); without: synthetic records '
+                                'at the recipe sizes')
 _DATASET = flags.DEFINE_string('dataset', 'sim2real_demo/default', 'dataset')
 _SPLIT = flags.DEFINE_string('split', 'source_train', 'split')
 _SIZE = flags.DEFINE_list('size', ['128', '256'], 'resize to height,width')
@@ -27,17 +58,215 @@ _MODE = flags.DEFINE_enum('mode', 'warmup', ['warmup', 'self_training'],
 _BATCH = flags.DEFINE_integer('batch', 8, 'batch size')
 _BATCHES = flags.DEFINE_integer('batches', 30, 'timed batches')
 _WORKERS = flags.DEFINE_list('workers', ['0', '1', '2'], 'worker counts')
+_IMAGES = flags.DEFINE_integer('images', 8, 'synthetic: timed images per '
+                               'stream')
+_STEP_SECONDS = flags.DEFINE_float('step_seconds', 0.1, 'synthetic: seconds '
+                                   'of a GPU training step (assumed)')
+_EVAL_IMAGES = flags.DEFINE_integer(
+    'eval_images', 32, 'synthetic: images of the timed evaluation passes')
+_EVAL_STEP_SECONDS = flags.DEFINE_float(
+    'eval_step_seconds', 0.035, 'synthetic: seconds of a GPU evaluation '
+    'batch of 8 (forward only; assumed)')
+
+JITTER = (0.5, 0.5, 0.5, 0.2)
+GTA5_SIZE, CITYSCAPES_SIZE = (1052, 1914), (1024, 2048)   # (height, width)
 
 
-def main(argv):
-  del argv
+@dataclasses.dataclass(frozen=True)
+class Stream:
+  """One input stream of the recipe: what it reads, how it transforms it,
+  how many images a GPU step takes of it."""
+  name: str
+  record_size: tuple         # (height, width) of the stored records
+  spec: dict                 # PipelineSpec fields of its transforms
+  images_per_step: int
+  evaluation: bool = False   # consumed by an evaluation batch
+
+
+STREAMS = (
+    Stream('warm-up source 1914x1052 -> 1280x720, jitter', GTA5_SIZE,
+           dict(size=(720, 1280), color_jitter=JITTER), 4),
+    Stream('warm-up target 2048x1024 -> 1024x512', CITYSCAPES_SIZE,
+           dict(size=(512, 1024)), 4),
+    Stream('self-training 2048x1024, scale, crop 512x1024, flip, jitter',
+           CITYSCAPES_SIZE,
+           dict(scale_range=(0.5, 1.5), crop=(512, 1024), flip=True,
+                color_jitter=JITTER), 8),
+    Stream('evaluation 2048x1024 -> 1024x512', CITYSCAPES_SIZE,
+           dict(size=(512, 1024), resize_label=False), 8, evaluation=True),
+)
+
+
+# ------------------------------------------------------- synthetic data ---
+
+def synthetic_label(rng: np.random.Generator, size) -> np.ndarray:
+  """A street-like uint8 trainId map of `size`: 19-class blocks of a coarse
+  grid (nearest-upsampled) with a sprinkle of ignored pixels."""
+  height, width = size
+  coarse = rng.integers(0, 19, (height // 32 + 1, width // 32 + 1))
+  label = np.kron(coarse, np.ones((32, 32), np.int64))[:height, :width]
+  label[rng.random((height, width)) < 0.01] = 255
+  return label.astype(np.uint8)
+
+
+def synthetic_image(rng: np.random.Generator, label: np.ndarray) -> np.ndarray:
+  """A photo-like uint8 RGB image of the label's size: a smooth colour
+  field, a colour per class region, sensor noise (so that PNG compresses it
+  about as much as a real frame)."""
+  height, width = label.shape
+  field = Image.fromarray(rng.integers(0, 256, (9, 16, 3), dtype=np.uint8))
+  field = np.asarray(field.resize((width, height), Image.BICUBIC), np.float32)
+  colours = rng.integers(0, 256, (256, 3)).astype(np.float32)
+  image = 0.6 * field + 0.4 * colours[label]
+  image += rng.normal(0, 4, image.shape)
+  return np.clip(image, 0, 255).astype(np.uint8)
+
+
+class SyntheticSource:
+  """A random-access source of `count` serialised records (the builders'
+  TFDS features: PNG image and label), cycling over `distinct` encoded
+  ones; `[i]` decodes as `tfds.data_source` does."""
+
+  def __init__(self, size, count: int, distinct: int = 3, seed: int = 0):
+    from data_prep import records  # pylint: disable=g-import-not-at-top
+    self.features = records.record_features()
+    rng = np.random.default_rng(seed)
+    self.serialized = []
+    for i in range(distinct):
+      label = synthetic_label(rng, size)
+      self.serialized.append(self.features.serialize_example({
+          'image': synthetic_image(rng, label), 'label': label[..., None],
+          'image_id': f'synthetic_{i:06d}'}))
+    self.count = count
+
+  def __len__(self) -> int:
+    return self.count
+
+  def __getitem__(self, index: int) -> dict:
+    return self.features.deserialize_example_np(
+        self.serialized[index % len(self.serialized)])
+
+  def megabytes(self) -> float:
+    return np.mean([len(s) for s in self.serialized]) / 1e6
+
+
+# ---------------------------------------------------------------- timing --
+
+def with_jitter(ops: list, implementation: str) -> list:
+  """`ops` with every ColorJitter using `implementation`."""
+  return [dataclasses.replace(op, implementation=implementation)
+          if isinstance(op, ip.ColorJitter) else op for op in ops]
+
+
+def apply(ops: list, element: dict, seed: int) -> dict:
+  """The grain transforms `ops` applied to one element, in this thread."""
+  rng = np.random.default_rng(seed)
+  for op in ops:
+    element = (op.random_map(element, rng) if hasattr(op, 'random_map')
+               else op.map(element))
+  return element
+
+
+def per_core_rate(source, ops: list, images: int) -> float:
+  """Images/s of decode + `ops` on one core (this thread's CPU time)."""
+  apply(ops, source[0], 0)   # warm-up: imports, first allocations
+  start = time.thread_time()
+  for i in range(images):
+    apply(ops, source[i], i)
+  return images / (time.thread_time() - start)
+
+
+def jitter_milliseconds(implementation: str, size, repeats: int = 5) -> float:
+  """Median CPU ms of one colour jitter of a synthetic image of `size`."""
+  rng = np.random.default_rng(0)
+  image = synthetic_image(rng, synthetic_label(rng, size))
+  jitter = ip.COLOR_JITTERS[implementation]
+  times = []
+  for seed in range(repeats + 1):
+    start = time.thread_time()
+    jitter(image, np.random.default_rng(seed), *JITTER)
+    times.append(time.thread_time() - start)
+  return 1e3 * float(np.median(times[1:]))
+
+
+def eval_pass_rate(source, spec: ip.PipelineSpec, threads: int) -> float:
+  """Wall-clock images/s of one `eval_batches` pass over `source`."""
+  start = time.perf_counter()
+  for _ in ip.eval_batches(spec, source, 0, 1, threads=threads):
+    pass
+  return len(source) / (time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------- modes --
+
+def recipe_mode() -> None:
+  """Synthetic records at the recipe sizes: per-core rates beside the GPU
+  step's consumption."""
+  images, cores = _IMAGES.value, os.cpu_count() or 1
+  print(f'Input pipeline at the recipe sizes: synthetic PNG records, '
+        f'{images} images per stream, one thread (CPU time); this machine '
+        f'has {cores} CPU cores.\nGPU consumption assumed: a training step '
+        f'of {_STEP_SECONDS.value} s, an evaluation batch of 8 in '
+        f'{_EVAL_STEP_SECONDS.value} s (--step_seconds, '
+        f'--eval_step_seconds; measure them with benchmarks.step_vs_pytorch)'
+        '.\n')
+  print('colour jitter (0.5, 0.5, 0.5, 0.2), ms per image (CPU):')
+  print(f'  {"size":>10} ' + ' '.join(f'{name:>9}' for name in
+                                      ip.COLOR_JITTERS) + '    speed-up')
+  for size in ((720, 1280), CITYSCAPES_SIZE):
+    ms = {name: jitter_milliseconds(name, size) for name in ip.COLOR_JITTERS}
+    print(f'  {size[1]:>5}x{size[0]:<4} ' + ' '.join(
+        f'{v:9.1f}' for v in ms.values()) +
+          f'    x{ms["float"] / ms["released"]:.1f}')
+
+  sources, eval_source = {}, None
+  header = (f'\n{"stream":<70} {"images/s/core":>13} {"GPU consumes":>12} '
+            f'{"core/GPU":>8} {"cores for 2x":>12}')
+  print(header)
+  for stream in STREAMS:
+    if stream.record_size not in sources:
+      sources[stream.record_size] = SyntheticSource(stream.record_size,
+                                                    images)
+    source = sources[stream.record_size]
+    spec = ip.PipelineSpec('synthetic', 'train', '', 8, **stream.spec)
+    ops = ip.transforms_of(spec)
+    consumed = stream.images_per_step / (
+        _EVAL_STEP_SECONDS.value if stream.evaluation
+        else _STEP_SECONDS.value)
+    variants = (ip.COLOR_JITTERS if stream.spec.get('color_jitter')
+                else ('',))
+    for implementation in variants:
+      rate = per_core_rate(source, with_jitter(ops, implementation or
+                                               'float'), images)
+      name = stream.name + (f' [{implementation}]' if implementation
+                            else '')
+      print(f'{name:<70} {rate:13.2f} {consumed:12.1f} '
+            f'{rate / consumed:8.3f} {2 * consumed / rate:12.1f}')
+    if stream.evaluation:
+      eval_source, eval_spec = source, spec
+  print('(record sizes: ' + ', '.join(
+      f'{w}x{h} {s.megabytes():.1f} MB' for (h, w), s in sources.items()) +
+        '; a warm-up / SPCL step takes both warm-up streams, so it needs '
+        'the sum of their cores)')
+
+  eval_source.count = _EVAL_IMAGES.value
+  threads = sorted({0, 1, 2, cores})
+  rates = [eval_pass_rate(eval_source, eval_spec, t) for t in threads]
+  print(f'\nevaluation pass (eval_batches, batch 8, {eval_source.count} '
+        f'images), wall clock on {cores} cores shared with whatever else '
+        'runs:')
+  for t, rate in zip(threads, rates):
+    print(f'  threads={t}: {rate:8.2f} images/s   x{rate / rates[0]:.2f}')
+
+
+def dataset_mode() -> None:
+  """A built dataset through grain's loader, for each worker count."""
   size = tuple(int(v) for v in _SIZE.value)
   results = []
   for workers in (int(w) for w in _WORKERS.value):
-    kw = dict(size=size, color_jitter=(0.5, 0.5, 0.5, 0.2))
+    kw = dict(size=size, color_jitter=JITTER)
     if _MODE.value == 'self_training':
-      kw = dict(size=None, color_jitter=(0.5, 0.5, 0.5, 0.2),
-                scale_range=(0.5, 1.5),
+      kw = dict(size=None, color_jitter=JITTER, scale_range=(0.5, 1.5),
                 crop=tuple(int(v) for v in _CROP.value), flip=True)
     spec = ip.PipelineSpec(_DATASET.value, _SPLIT.value, _DATA_DIR.value,
                            _BATCH.value, worker_count=workers, **kw)
@@ -57,6 +286,13 @@ def main(argv):
     print(f'  workers={workers}: {rate:8.1f} images/s   x{rate / base:.2f}')
 
 
+def main(argv):
+  del argv
+  if _DATA_DIR.value:
+    dataset_mode()
+  else:
+    recipe_mode()
+
+
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['data_dir'])
   app.run(main)

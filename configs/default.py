@@ -99,6 +99,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'mean': (0.485, 0.456, 0.406),
       'std': (0.229, 0.224, 0.225),
       'source_color_jitter': (0.5, 0.5, 0.5, 0.2),  # b, c, s, h
+      # How colour jitter (source, self-training) is computed: 'released',
+      # torchvision's ColorJitter on PIL images (uint8 after each operation,
+      # as the released code); 'float', a float HSV jitter of the same
+      # factors (the demo's recorded results; input_pipeline.COLOR_JITTERS).
+      'color_jitter_implementation': 'released',
       # Geometric augmentation of the source in the warm-up and SPCL stages.
       # () / False: the released recipe (the image resized to source_size,
       # no crop, no flip). A crop size: the original image randomly scaled
@@ -203,20 +208,32 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'preemption_check_every_steps': 10,
   })
   c.log_every_steps = 50
+  # At most this many training steps dispatched ahead of the devices (the
+  # host waits for the oldest to finish, without reading anything): each
+  # step in flight holds its batches and outputs in device memory. 0: no
+  # bound (a whole log interval may be queued).
+  c.max_steps_in_flight = 2
 
   # Test hooks, never set in a run. Deterministic preemption: the process
   # sends itself SIGTERM when `sigterm_stage` reaches step `sigterm_at_step`
   # (in a prototypes or pseudo-label stage: before that batch of its passes).
   # Deterministic crash: the process sends itself SIGKILL right after the
-  # write named by `crash_after_write` (workdir-relative: '<stage>/
-  # checkpoints/<step>', '<stage>/best/<step>', '<stage>/eval_history.json',
-  # '<stage>/model', '<stage>/prototypes', '<stage>/labels',
-  # '<stage>/done.json', or 'report.json:<stage>' for the report's update
-  # after <stage>).
+  # write named by `crash_after_write` (workdir-relative: 'config.json',
+  # '<stage>/checkpoints/<step>', '<stage>/best/<step>',
+  # '<stage>/eval_history.json', '<stage>/model', '<stage>/prototypes',
+  # '<stage>/labels', '<stage>/table', '<stage>/done.json', or
+  # 'report.json:<stage>' for the report's update after <stage>; every one
+  # is logged to DIR/log.txt as 'write point <name>').
   c.testing = ml_collections.ConfigDict({
       'sigterm_stage': '',
       'sigterm_at_step': -1,
       'crash_after_write': '',
+      # Deterministic SIGTERM during a wait that cannot stop between
+      # batches (stage_context.interruptible): 'build' (the demo dataset's
+      # build), '<stage>/compile' (its step; a pseudo-label stage's
+      # confidence step), '<stage>/compile_evaluation',
+      # '<stage>/compile_dashboard', '<pseudo-label stage>/compile_labels'.
+      'sigterm_during': '',
       # A jax.transfer_guard_device_to_host level ('disallow', 'log', ...)
       # around the training steps between two check points (log,
       # checkpoint, evaluation): no device-to-host read happens there.

@@ -83,13 +83,18 @@ def _check_same_folder_build(builder) -> None:
 
 
 def build(dataset: str, data_dir: str, config=None, manual_dir=None,
-          skip_corrupt: bool = False, **folder_options):
+          skip_corrupt: bool = False, should_stop=None, **folder_options):
   """Builds `dataset` (if not built yet) into `data_dir`; returns the
   builder. TFDS writes into a temporary directory renamed when complete.
   `folder_options`: `name`, `label_map`, `image_suffix`, `label_suffix` of
-  a folder dataset (`make_builder`)."""
+  a folder dataset (`make_builder`). `should_stop()`: a builder that looks
+  at it between records (sim2real_demo) stops with
+  `sim2real_demo.BuildStopped` once it is true (its temporary directory
+  left behind)."""
   builder = make_builder(dataset, os.path.abspath(data_dir), config,
                          skip_corrupt, **folder_options)
+  if should_stop is not None:
+    builder.should_stop = should_stop
   _check_same_folder_build(builder)
   instructions = getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None)
   if instructions and not (manual_dir and os.path.isdir(manual_dir)

@@ -25,6 +25,10 @@ SPLITS = {'source_train': 'synthetic', 'target_train': 'real',
           'target_val': 'real', 'source_val': 'synthetic'}
 
 
+class BuildStopped(Exception):
+  """The build was asked to stop (`Sim2RealDemo.should_stop`)."""
+
+
 class Sim2RealDemoConfig(tfds.core.BuilderConfig):
   """Image size, split sizes and seed of a demo dataset."""
 
@@ -81,6 +85,14 @@ class Sim2RealDemo(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # nothing to download
     return {split: self._generate_examples(split) for split in SPLITS}
 
+  # set by builders.build: () -> bool, looked at between records
+  should_stop = None
+
+  def _stop_if_asked(self, split) -> None:
+    if self.should_stop is not None and self.should_stop():
+      raise BuildStopped(f'{self.name}/{self.builder_config.name}: build '
+                         f'stopped in split {split}')
+
   def _generate_examples(self, split):
     config = self.builder_config
     split_index = list(SPLITS).index(split)
@@ -90,11 +102,15 @@ class Sim2RealDemo(tfds.core.GeneratorBasedBuilder):
     # JAX threads), in order; each depends on its own seed only.
     workers = min(os.cpu_count() or 1, 8)
     if workers == 1 or len(jobs) < 64:
-      records_ = map(_render_record, jobs)
-      yield from ((r['image_id'], r) for r in records_)
+      for job in jobs:
+        self._stop_if_asked(split)
+        record = _render_record(job)
+        yield record['image_id'], record
       return
+    # stopped: the pool's workers are terminated as the `with` ends
     with multiprocessing.get_context('spawn').Pool(workers) as pool:
       for record in pool.imap(_render_record, jobs, chunksize=16):
+        self._stop_if_asked(split)
         yield record['image_id'], record
 
 

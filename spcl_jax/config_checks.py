@@ -25,11 +25,12 @@ _RESUMABLE_CHANGES = ('stages_to_run', 'testing.', 'data.data_dir',
                       'model.remat',   # the same gradients, less memory
                       # when and how batches are read, not which ones; where
                       # several processes may stop, not what they compute
-                      'data.device_prefetch',
+                      'data.device_prefetch', 'max_steps_in_flight',
                       'checkpoint.preemption_check_every_steps')
 # Fields added after workdirs were written, with the value that reproduces
 # what those workdirs ran: absent there and this value here is no change.
-_ADDED_FIELDS = {'model.remat': 'none', 'micro_batches': 1}
+_ADDED_FIELDS = {'model.remat': 'none', 'micro_batches': 1,
+                 'color_jitter_implementation': 'float'}
 
 
 # `testing.transfer_guard`: '' (none) or a jax.transfer_guard level.
@@ -60,6 +61,10 @@ def validate(config: ml_collections.ConfigDict,
   if config.model.frozen_bn_epsilon < 0:
     problems.append(f'model.frozen_bn_epsilon = '
                     f'{config.model.frozen_bn_epsilon} must be >= 0')
+  if config.data.color_jitter_implementation not in ip.COLOR_JITTERS:
+    problems.append(f'data.color_jitter_implementation: '
+                    f'{config.data.color_jitter_implementation!r}, expected '
+                    f'one of {sorted(ip.COLOR_JITTERS)}')
   if config.data.image_interpolation not in ip.INTERPOLATIONS:
     problems.append(f'data.image_interpolation: '
                     f'{config.data.image_interpolation!r}, expected one of '
@@ -129,6 +134,10 @@ def validate(config: ml_collections.ConfigDict,
   if not (isinstance(prefetch, int) and prefetch >= 0):
     problems.append(f'data.device_prefetch = {prefetch!r} must be an '
                     'integer >= 0 (0: no prefetching)')
+  in_flight = config.max_steps_in_flight
+  if not (isinstance(in_flight, int) and in_flight >= 0):
+    problems.append(f'max_steps_in_flight = {in_flight!r} must be an '
+                    'integer >= 0 (0: no bound)')
   if config.testing.transfer_guard not in TRANSFER_GUARD_LEVELS:
     problems.append(f'testing.transfer_guard: '
                     f'{config.testing.transfer_guard!r}, expected one of '
@@ -168,6 +177,79 @@ def validate(config: ml_collections.ConfigDict,
     raise ValueError('invalid config:\n  ' + '\n  '.join(problems))
 
 
+def datasets_read(config, stages: tuple = stage_graph.STAGES) -> list:
+  """(dataset field, split field) of `config.data` for every split that the
+  stages of `stages` in `config.stages_to_run` read, without repeats: a
+  training stage its source and target streams and the validation split,
+  the prototype stage the source, a pseudo-label stage the target."""
+  source, target = ('source', 'source_split'), ('target', 'target_split')
+  read = []
+  for stage in stages:
+    if stage.name not in config.stages_to_run:
+      continue
+    cfg = config.stages[stage.name]
+    if stage.kind == 'prototypes':
+      read.append(source)
+    elif stage.kind == 'pseudo_labels':
+      read.append(target)
+    else:
+      if stage.step != 'self_training' or cfg.source_batch_size:
+        read.append(source)
+      if stage.step != 'warmup' or cfg.adversarial_weight > 0:
+        read.append(target)
+      read.append(('target', 'val_split'))
+  return list(dict.fromkeys(read))
+
+
+def _demo_splits(field: str, dataset: str) -> list | None:
+  """The splits of `dataset` if it is one a run builds when it is missing
+  (the demo's, with `data.build_if_missing`), else None; a config name it
+  lacks is refused here, before anything is built."""
+  from data_prep import builders  # pylint: disable=g-import-not-at-top
+  from data_prep import sim2real_demo  # pylint: disable=g-import-not-at-top
+  name, _, config_name = dataset.partition('/')
+  if name != 'sim2real_demo':
+    return None
+  configs = [c.name for c in builders.DATASETS[name].BUILDER_CONFIGS]
+  if config_name and config_name not in configs:
+    raise ValueError(f'data.{field} = {dataset!r}: dataset {name!r} has no '
+                     f'config {config_name!r}; its configs: {configs}')
+  return sorted(sim2real_demo.SPLITS)
+
+
+def check_datasets(config, workdir: str,
+                   stages: tuple = stage_graph.STAGES) -> None:
+  """Refuses a run whose data is missing before anything is written or set
+  up: every split that the unfinished stages to run read (`datasets_read`)
+  must be built in `data.data_dir`, or be one of the demo's, which the run
+  builds (`data.build_if_missing`). Raises
+  `input_pipeline.DatasetNotBuiltError` (naming the dataset, the folder
+  looked in and the build command), or a ValueError naming the config
+  fields and the splits the dataset has."""
+  data = config.data
+  data_dir = os.path.expanduser(data.data_dir)
+  unfinished = tuple(s for s in stages if not os.path.exists(
+      os.path.join(workdir, s.name, 'done.json')))
+  for field, split_field in datasets_read(config, unfinished):
+    dataset, split = data[field], data[split_field]
+    try:
+      directory = ip.dataset_directory(dataset, data_dir)
+    except ip.DatasetNotBuiltError:
+      splits = (_demo_splits(field, dataset) if data.build_if_missing
+                else None)
+      if splits is None:
+        raise
+      where = 'built by this run'
+    else:
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      splits = sorted(tfds.builder_from_directory(directory).info.splits)
+      where = f'in {directory}'
+    if split not in splits:
+      raise ValueError(f'data.{split_field} = {split!r}: dataset {dataset!r} '
+                       f'(data.{field}, {where}) has no such split; it has '
+                       f'{splits}')
+
+
 def flatten(config: dict, prefix: str = '') -> dict:
   flat = {}
   for key, value in config.items():
@@ -188,14 +270,31 @@ def _added_with_old_value(key: str, old: dict, new: dict) -> bool:
       for field, value in _ADDED_FIELDS.items())
 
 
+def _read_workdir_config(path: str) -> dict:
+  """DIR/config.json as a dict, or a ConfigMismatchError naming the file
+  and what to do when it is not the JSON object our runs write."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      previous = json.load(f)
+  except ValueError as e:   # not JSON, not UTF-8
+    problem = f'is not JSON ({e})'
+  else:
+    if isinstance(previous, dict):
+      return previous
+    problem = f'holds a {type(previous).__name__}, not a JSON object'
+  raise ConfigMismatchError(
+      f'{path} {problem}: it records the config this workdir was started '
+      'with. Restore it, delete it to resume with the current config (it is '
+      'written again), or use a new --workdir.')
+
+
 def check_workdir_config(config, workdir: str,
                          allow_config_change: bool) -> None:
   """Refuses to resume a workdir written by a different config."""
   path = os.path.join(workdir, 'config.json')
   current = config_to_json(config)
   if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
+    previous = _read_workdir_config(path)
     old, new = flatten(previous), flatten(current)
     differing = sorted(
         key for key in set(old) | set(new)
@@ -211,3 +310,4 @@ def check_workdir_config(config, workdir: str,
           '--allow_config_change to resume with the new values.')
   if jax.process_index() == 0:
     workdir_lib.write_json(path, current)
+  workdir_lib.crash_after_write(config, 'config.json')

@@ -16,11 +16,13 @@ came before it.
   console.log_to_file(path)             # once the process index is known
 """
 
+import asyncio
 import logging as py_logging
 from logging import handlers as py_handlers
 import os
 import sys
 import time
+import traceback as py_traceback
 from typing import Callable, Iterable, Iterator, Sequence
 
 from absl import logging
@@ -56,12 +58,15 @@ def verbosity_from_argv(argv: Sequence[str]) -> int:
 
 def quiet_native_logs(argv: Sequence[str], environ=None) -> None:
   """Hides TensorFlow's and XLA's native INFO lines (warnings and errors
-  stay) unless --verbosity >= 1 or TF_CPP_MIN_LOG_LEVEL is set already.
+  stay) unless --verbosity >= 1 or the variables are set already: TF's log
+  level, and TF's oneDNN ops off (TensorFlow 2.21 prints its oneDNN banner
+  whatever the level; here TF only writes summaries, no numbers change).
   Call it before TensorFlow is imported: grain's worker processes inherit
-  the environment, and each would print the oneDNN banner."""
+  the environment, and each would print the banner."""
   environ = os.environ if environ is None else environ
   if verbosity_from_argv(argv) < 1:
     environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+    environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
 
 # ---------------------------------------------------------------- console --
@@ -77,8 +82,9 @@ FILE_ONLY = 'spcl_file_only'
 
 
 class ConsoleFilter(py_logging.Filter):
-  """Passes warnings, errors and the project's records; other libraries'
-  INFO and DEBUG records only at verbosity >= 1."""
+  """Passes warnings, errors and the project's INFO records; other
+  libraries' INFO and every DEBUG record (the project's are the reports it
+  lowers, `OrbaxUnraisableAsDebug`) only at verbosity >= 1."""
 
   def __init__(self, verbosity: int):
     super().__init__()
@@ -89,7 +95,8 @@ class ConsoleFilter(py_logging.Filter):
       return False
     if self.verbosity >= 1:
       return True
-    return record.levelno >= py_logging.WARNING or is_project_record(record)
+    return record.levelno >= py_logging.WARNING or (
+        record.levelno >= py_logging.INFO and is_project_record(record))
 
 
 _ORBAX_DIR = os.path.join(os.sep, 'orbax', '')
@@ -146,28 +153,56 @@ class OrbaxTaskFailuresAsDebug(py_logging.Filter):
     return True
 
 
+_ASYNCIO_DIR = os.path.join(os.path.dirname(asyncio.__file__), '')
+
+
+def is_closed_loop_callback(unraisable) -> bool:
+  """TensorStore's report of a read that finished after the event loop
+  awaiting it was closed (orbax abandons the other reads of a damaged
+  checkpoint and closes its loop): the read's done callback calls
+  `loop.call_soon_threadsafe`, which raises "Event loop is closed", and
+  TensorStore hands that to `sys.unraisablehook` with no object; every
+  frame of its traceback is asyncio's."""
+  frames = py_traceback.extract_tb(unraisable.exc_traceback)
+  return (unraisable.object is None
+          and unraisable.exc_type is RuntimeError
+          and str(unraisable.exc_value) == 'Event loop is closed'
+          and bool(frames)
+          and all(f.filename.startswith(_ASYNCIO_DIR) for f in frames))
+
+
 class OrbaxUnraisableAsDebug:
-  """A `sys.unraisablehook` for the other path of the same repeats: an
-  orbax read coroutine abandoned while it awaited a failing read raises
-  again when it is garbage collected, and Python prints "Exception ignored
-  in: <coroutine ...>" with its traceback straight to stderr. When the
-  coroutine's code, or the exception, is orbax's, the report becomes a
-  DEBUG record on the `asyncio` logger (DIR/log.txt); anything else goes
-  to the hook that was installed before."""
+  """A `sys.unraisablehook` for the other paths of the same repeats, which
+  Python prints straight to stderr: an orbax read coroutine abandoned while
+  it awaited a failing read raises again when it is garbage collected
+  ("Exception ignored in: <coroutine ...>"), and a TensorStore read that
+  finishes after orbax closed its event loop reports "RuntimeError: Event
+  loop is closed" (`is_closed_loop_callback`). When the coroutine's code,
+  or the exception, is orbax's, or the report is that closed-loop one, it
+  becomes a DEBUG record on the `asyncio` logger (DIR/log.txt); anything
+  else goes to the hook that was installed before."""
 
   def __init__(self, previous: Callable):
     self.previous = previous
 
   def __call__(self, unraisable) -> None:
     code = getattr(unraisable.object, 'cr_code', None)
-    if ((code is not None and _ORBAX_DIR in code.co_filename)
-        or is_orbax_read_failure(unraisable.exc_value)):
-      py_logging.getLogger('asyncio').debug(
-          'Exception ignored in: %r', unraisable.object, exc_info=(
-              unraisable.exc_type, unraisable.exc_value,
-              unraisable.exc_traceback))
+    if is_closed_loop_callback(unraisable):
+      message = ('a TensorStore read finished after its event loop was '
+                 'closed (a read orbax abandoned)')
+    elif ((code is not None and _ORBAX_DIR in code.co_filename)
+          or is_orbax_read_failure(unraisable.exc_value)):
+      message = f'Exception ignored in: {unraisable.object!r}'
+    else:
+      self.previous(unraisable)
       return
-    self.previous(unraisable)
+    # handled whatever the loggers' levels (INFO at verbosity 0), so that
+    # the log file keeps it; the console filter drops DEBUG records
+    logger = py_logging.getLogger('asyncio')
+    logger.handle(logger.makeRecord(
+        logger.name, py_logging.DEBUG, __file__, 0, '%s', (message,),
+        (unraisable.exc_type, unraisable.exc_value,
+         unraisable.exc_traceback)))
 
 
 class ConsoleFormatter(py_logging.Formatter):
@@ -332,7 +367,7 @@ class TrainProgress:
   (compiling the step function, and on a resume restoring the state) is left
   out of the first interval's window (`step_done` marks its end). An interval
   of that first step alone has no rate: its line and scalars have no
-  images/s and its line no ETA."""
+  images/s and its line no ETA; the stage's last line has no ETA."""
 
   def __init__(self, stage: str, step: int, total: int,
                images_per_step: int, clock: Callable[[], float] = time.time):
@@ -364,8 +399,10 @@ class TrainProgress:
       steps = step - self.window_first
       images_per_sec = steps * self.images_per_step / seconds
       scalars[f'{self.stage}/images_per_sec'] = images_per_sec
-      eta = seconds / steps * (self.total - step)
-      parts.append(f'{images_per_sec:.1f} images/s  ETA {duration(eta)}')
+      rate = f'{images_per_sec:.1f} images/s'
+      if step < self.total:   # the last line: nothing left to wait for
+        rate += f'  ETA {duration(seconds / steps * (self.total - step))}'
+      parts.append(rate)
     else:
       parts.append('(first step: compiling)')
     logging.info('%s: step %d/%d  %s', self.stage, step, self.total,

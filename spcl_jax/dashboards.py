@@ -18,6 +18,7 @@ is the stored label, in the model's label space, resized (nearest) to it.
 """
 
 import math
+from typing import Callable
 
 import jax
 from jax.experimental import multihost_utils
@@ -69,10 +70,13 @@ def iou_scalars(stage: str, result: dict) -> dict:
 class Dashboard:
   """The fixed validation images of a training stage and what its model
   makes of them. Every process builds the same images and takes part in
-  the prediction (a collective); the caller's writer decides who writes."""
+  the prediction (a collective); the caller's writer decides who writes.
+  `compile_step` wraps the jitted prediction step (a training stage's: its
+  first call compiles where SIGTERM is heard)."""
 
   def __init__(self, config, data_dir: str, mesh: jax.sharding.Mesh, model,
-               stage: str, source=None):
+               stage: str, source=None,
+               compile_step: Callable = lambda jitted: jitted):
     data = config.data
     self.stage, self.label_space = stage, data.label_space
     self.key = f'{stage}/{data.val_split}'
@@ -98,8 +102,8 @@ class Dashboard:
     batch[:len(inputs)] = inputs
     local = total // processes
     self.local = batch[jax.process_index() * local:][:local]
-    self.step = jax.jit(inference.make_predict_step(model),
-                        static_argnums=2)
+    self.step = compile_step(jax.jit(inference.make_predict_step(model),
+                                     static_argnums=2))
 
   def images(self, variables) -> np.ndarray | None:
     """uint8 [N, H, 3W, 3] of the current `variables`; None without

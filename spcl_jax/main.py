@@ -31,7 +31,9 @@ import jax
 from ml_collections import config_flags
 
 from spcl_jax import checkpoint
+from spcl_jax import flag_errors
 from spcl_jax import pipeline
+from spcl_jax import stage_context
 from spcl_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file[:args]',
@@ -55,6 +57,22 @@ def _initialize_distributed() -> None:
   elif any(v in os.environ for v in ('TPU_WORKER_HOSTNAMES', 'SLURM_NTASKS',
                                      'OMPI_COMM_WORLD_SIZE')):
     jax.distributed.initialize()
+
+
+def _exit(status: int) -> None:
+  """sys.exit(status); where a SIGTERM abandoned a compile or a dataset
+  build (`stage_context.interruptible`), os._exit without waiting for it:
+  the interpreter's teardown would run under the still-working thread."""
+  abandoned = stage_context.abandoned_work()
+  if not abandoned:
+    sys.exit(status)
+  logging.info('not waiting for: %s', ', '.join(abandoned),
+               extra={console.FILE_ONLY: True})
+  logging.flush()
+  sys.stderr.flush()
+  if jax.process_count() > 1:
+    jax.distributed.shutdown()   # with the other processes, as at exit
+  os._exit(status)  # pylint: disable=protected-access
 
 
 def main(argv):
@@ -82,7 +100,7 @@ def main(argv):
   except pipeline.Preempted as e:
     logging.info('%s; rerun the same command to resume (exit status %d)', e,
                  pipeline.PREEMPTED_EXIT_STATUS)
-    sys.exit(pipeline.PREEMPTED_EXIT_STATUS)
+    _exit(pipeline.PREEMPTED_EXIT_STATUS)
   except (pipeline.ConfigMismatchError, pipeline.NonFiniteLossError,
           checkpoint.UnreadableCheckpointError, FileNotFoundError,
           ValueError) as e:
@@ -92,4 +110,5 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  # a bad --config: one error line, not absl's and ml_collections' tracebacks
+  app.run(main, flags_parser=flag_errors.parse_flags)

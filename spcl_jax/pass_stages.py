@@ -28,7 +28,9 @@ def run_prototypes_stage(ctx, stage: stage_graph.Stage) -> dict:
   spec = stage_context.eval_spec(
       ctx, data.source, data.source_split, data.source_size,
       config.stages[stage.name].batch_size, resize_label=True)
-  init_step = jax.jit(train.make_prototype_init_step(model))
+  init_step = stage_context.CompiledInterruptibly(
+      ctx, f'{stage.name}/compile', f'compiling the {stage.name} step',
+      jax.jit(train.make_prototype_init_step(model)))
   sums = spcl.PrototypeInitSums.zeros(config.model.num_classes,
                                       stage_context.model_num_features(model))
   for batch in stage_context.pass_batches(ctx, stage.name, spec):
@@ -91,8 +93,10 @@ def run_pseudo_labels_stage(ctx, stage: stage_graph.Stage) -> dict:
   spec = stage_context.eval_spec(
       ctx, data.target, data.target_split, data.target_size, cfg.batch_size,
       resize_label=False)
-  histogram_step = jax.jit(train.make_histogram_step(model,
-                                                     cfg.histogram_bins))
+  histogram_step = stage_context.CompiledInterruptibly(
+      ctx, f'{stage.name}/compile', f'compiling the {stage.name} '
+      'confidence step',
+      jax.jit(train.make_histogram_step(model, cfg.histogram_bins)))
   histogram = np.zeros((model.num_classes, cfg.histogram_bins), np.int64)
   for batch in stage_context.pass_batches(ctx, stage.name, spec,
                                           purpose='confidences'):
@@ -100,7 +104,9 @@ def run_pseudo_labels_stage(ctx, stage: stage_graph.Stage) -> dict:
         variables, stage_context.global_batch(ctx, batch)))
   thresholds = spcl.class_thresholds_from_histogram(
       histogram, cfg.threshold_cap, cfg.threshold_quantile)
-  label_step = jax.jit(train.make_pseudo_label_step(model))
+  label_step = stage_context.CompiledInterruptibly(
+      ctx, f'{stage.name}/compile_labels', f'compiling the {stage.name} '
+      'label step', jax.jit(train.make_pseudo_label_step(model)))
   agreement = np.zeros((model.num_classes,) * 2, np.int64)
   truth_pixels = np.zeros(model.num_classes, np.int64)
   kept = total = 0

@@ -104,12 +104,17 @@ def _ensure_demo_data(ctx) -> None:
     version = str(builders.DATASETS[name].VERSION)
     config_dir = os.path.join(ctx.data_dir(), name, config_name or 'default')
     info = os.path.join(config_dir, version, 'dataset_info.json')
-    if not os.path.exists(info):
-      if jax.process_index() == 0:
-        logging.info('building %s %s into %s', dataset, version,
-                     ctx.data_dir())
-        builders.build(name, ctx.data_dir(), config_name or None)
-      stage_context.sync('demo-data-built')
+    if stage_context.any_process(not os.path.exists(info)):
+      def build(stop):   # on process 0; the others wait for it
+        if jax.process_index() == 0:
+          logging.info('building %s %s into %s', dataset, version,
+                       ctx.data_dir())
+          builders.build(name, ctx.data_dir(), config_name or None,
+                         should_stop=stop.is_set)
+      # SIGTERM stops the build between two records; the next run builds
+      # it again (and removes what this one left)
+      stage_context.interruptible(ctx, 'build', f'building {dataset}', build,
+                                  stops=True)
     if jax.process_index() == 0:   # what a killed build left behind
       workdir_lib.remove_incomplete_tfds_builds(config_dir)
 
@@ -145,6 +150,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                      'a stage follow its place)')
   validate(config, stages=stages)
   workdir = os.path.abspath(workdir)
+  config_checks.check_datasets(config, workdir, stages)  # before any write
   os.makedirs(workdir, exist_ok=True)
   config_checks.check_workdir_config(config, workdir, allow_config_change)
   writer = metric_writers.create_default_writer(
@@ -177,6 +183,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         results[stage.name] = workdir_lib.read_json(ctx.done_path(stage.name))
         update_report(ctx, stage.name, results[stage.name],
                       only_if_missing=True)
+        stage_context.crash_after(ctx, f'report.json:{stage.name}')
         continue
       if stage_context.any_process(ctx.preempted):
         raise Preempted(f'preempted before stage {stage.name} started')
@@ -189,6 +196,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         if stage.kind == 'train':
           reporting.write_stage_tables(ctx.stage_dir(stage.name), stage.name,
                                        result)
+      if stage.kind == 'train':
+        stage_context.crash_after(ctx, f'{stage.name}/table')
+      if jax.process_index() == 0:
         workdir_lib.write_json(ctx.done_path(stage.name), result)
       stage_context.crash_after(ctx, f'{stage.name}/done.json')
       update_report(ctx, stage.name, result)

@@ -10,10 +10,13 @@ waiting on the devices between two check points (issue 14).
   call per step, no transfer), with the first step at which each metric was
   not finite; the host reads it only at the loop's check points (log,
   checkpoint, evaluation, preemption and the end of the stage).
+* `DispatchWindow`: at most `max_steps_in_flight` steps dispatched and not
+  finished (their buffers wait in device memory).
 * `transfer_guard`: `jax.transfer_guard_device_to_host(level)` around the
   steps between check points (`testing.transfer_guard`; '' for none).
 """
 
+import collections
 import contextlib
 import dataclasses
 import queue
@@ -142,6 +145,27 @@ class _ConsumedState:
                     'start_prefetch', None)
     if start is not None:
       start()
+
+
+# ------------------------------------------------------------ dispatching --
+
+class DispatchWindow:
+  """Bounds how far the host dispatches steps ahead of the devices: `add`
+  an output of each dispatched step; once more than `limit` are pending,
+  the host waits for the oldest to be computed (`block_until_ready`: no
+  transfer, nothing read). `limit` 0: no bound."""
+
+  def __init__(self, limit: int):
+    if limit < 0:
+      raise ValueError(f'limit {limit} must be >= 0')
+    self._limit, self._pending = limit, collections.deque()
+
+  def add(self, output) -> None:
+    if not self._limit:
+      return
+    self._pending.append(output)
+    while len(self._pending) > self._limit:
+      self._pending.popleft().block_until_ready()
 
 
 # ------------------------------------------------------------------ metrics --

@@ -47,20 +47,28 @@ def _initial_state(ctx, stage, model):
   cfg = ctx.config.stages[stage.name]
   rng = jax.random.PRNGKey(stage_context.stage_seed(ctx, stage.name, 'state'))
   init_rng, disc_rng, state_rng = jax.random.split(rng, 3)
-  if stage.model_from is None:
-    variables = train.initial_variables(ctx.config, init_rng)
-  else:
+  adversarial = stage.step == 'warmup' and cfg.adversarial_weight > 0
+
+  def fresh(stop):   # on this process alone (no collective); cannot stop
+    del stop
+    variables = (train.initial_variables(ctx.config, init_rng)
+                 if stage.model_from is None else None)
+    disc_params = None
+    if adversarial:
+      disc_params = train.discriminator_for(ctx.config).init(
+          disc_rng, jnp.zeros((1, 64, 64, ctx.config.model.num_classes)))
+    return variables, disc_params
+
+  variables, disc_params = stage_context.interruptible(
+      ctx, f'{stage.name}/initialise', f'initialising the {stage.name} '
+      'model', fresh)
+  if stage.model_from is not None:
     variables = stage_context.load_model(ctx, stage.model_from, model)
   variables = jax.device_get(variables)
   tx = train.segmenter_optimizer(cfg, variables['params'],
                                  variables['batch_stats'])
-  parts = {'d_tx': None}
-  disc_params = None
-  if stage.step == 'warmup' and cfg.adversarial_weight > 0:
-    parts['d_tx'] = train.discriminator_optimizer(cfg)
-    disc = train.discriminator_for(ctx.config)
-    disc_params = disc.init(disc_rng, jnp.zeros(
-        (1, 64, 64, ctx.config.model.num_classes)))
+  parts = {'d_tx': train.discriminator_optimizer(cfg) if adversarial
+                   else None}
   bank = None
   if stage.prototypes_from:
     bank = jax.device_get(stage_context.load_prototypes(
@@ -135,11 +143,19 @@ def _train_stage(ctx, stage: stage_graph.Stage, opened: list) -> dict:
     logging.info('%s: resuming from step %d', stage.name, latest)
     state = restored
   best.discard_after(latest or 0)
-  step_fn = jax.jit(_make_step(ctx, stage, model, tx, parts),
-                    donate_argnums=0)
-  eval_step = jax.jit(train.make_eval_step(eval_model))
-  dashboard = dashboards.Dashboard(config, ctx.data_dir(), ctx.mesh,
-                                   eval_model, stage.name)
+  # compiled on their first call, SIGTERM heard while it compiles
+  step_fn = stage_context.CompiledInterruptibly(
+      ctx, f'{stage.name}/compile', f'compiling the {stage.name} step',
+      jax.jit(_make_step(ctx, stage, model, tx, parts), donate_argnums=0))
+  eval_step = stage_context.CompiledInterruptibly(
+      ctx, f'{stage.name}/compile_evaluation',
+      f'compiling the {stage.name} evaluation step',
+      jax.jit(train.make_eval_step(eval_model)))
+  dashboard = dashboards.Dashboard(
+      config, ctx.data_dir(), ctx.mesh, eval_model, stage.name,
+      compile_step=lambda jitted: stage_context.CompiledInterruptibly(
+          ctx, f'{stage.name}/compile_dashboard',
+          f'compiling the {stage.name} dashboard images step', jitted))
   report_progress = periodic_actions.ReportProgress(
       num_train_steps=cfg.steps, writer=ctx.writer)
   step = int(jax.device_get(state.step))
@@ -147,6 +163,7 @@ def _train_stage(ctx, stage: stage_graph.Stage, opened: list) -> dict:
       stage.name, step, cfg.steps,
       sum(s.global_batch_size for s in specs.values()))
   watch = step_loop.MetricsWatch(step, sharding_lib.replicated(ctx.mesh))
+  in_flight = step_loop.DispatchWindow(config.max_steps_in_flight)
   history_path = ctx.stage_dir(stage.name, 'eval_history.json')
   history = [h for h in (workdir_lib.read_json(history_path) if os.path.exists(
       history_path) else []) if h['step'] <= step]
@@ -157,8 +174,7 @@ def _train_stage(ctx, stage: stage_graph.Stage, opened: list) -> dict:
   # before issue 14). With several processes, they agree on a SIGTERM (a
   # collective) at those and every checkpoint.preemption_check_every_steps;
   # one process looks at its flag after every step.
-  agree_every = (1 if config.testing.sync_every_step or jax.process_count()
-                 == 1 else config.checkpoint.preemption_check_every_steps)
+  agree_every = stage_context.agree_every(ctx, config.testing.sync_every_step)
 
   def is_eval_step(step):
     return step % cfg.eval_every_steps == 0 or step == cfg.steps
@@ -179,16 +195,18 @@ def _train_stage(ctx, stage: stage_graph.Stage, opened: list) -> dict:
   def evaluate_and_keep(step):
     result = stage_context.evaluate(ctx, eval_model, state.variables(),
                                     eval_step, stage.name)
+    # best/ first: a step in the history has been offered to best/ (a
+    # resume evaluates again a step the history lacks)
+    best.offer(step, state.variables(), result['miou'])
+    stage_context.crash_after(ctx, f'{stage.name}/best/{step}')
     history.append({'step': step, 'miou': result['miou']})
     if jax.process_index() == 0:
       workdir_lib.write_json(history_path, history)
     stage_context.crash_after(ctx, f'{stage.name}/eval_history.json')
     ctx.writer.write_scalars(step, {f'{stage.name}/eval_miou':
                                     result['miou']})
-    dashboard.write(ctx.writer, step, state.variables(), result)
     logging.info('%s: step %d mIoU %.2f', stage.name, step, result['miou'])
-    best.offer(step, state.variables(), result['miou'])
-    stage_context.crash_after(ctx, f'{stage.name}/best/{step}')
+    dashboard.write(ctx.writer, step, state.variables(), result)
     return result
 
   if (latest is not None and is_eval_step(step)
@@ -209,6 +227,7 @@ def _train_stage(ctx, stage: stage_graph.Stage, opened: list) -> dict:
                                         for b in batches])
       step += 1
       watch.add(metrics)
+      in_flight.add(jax.tree.leaves(metrics)[0])
       if not timing:   # the rate leaves out compiling / restoring
         jax.block_until_ready(metrics)
         progress.step_done(step)
@@ -250,7 +269,8 @@ def _train_stage(ctx, stage: stage_graph.Stage, opened: list) -> dict:
       raise stage_context.Preempted(f'{stage.name} preempted at step {step}')
   checkpoints.wait()
   logging.info('%s: process %d state digest %s', stage.name,
-               jax.process_index(), state_digest(state))
+               jax.process_index(), state_digest(state),
+               extra={console.FILE_ONLY: True})
   checkpoint.save_tree(ctx.stage_dir(stage.name, 'model'), state.variables())
   stage_context.crash_after(ctx, f'{stage.name}/model')
   if stage.step == 'spcl':

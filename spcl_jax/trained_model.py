@@ -93,15 +93,35 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     raise ValueError(f'{path} is not valid JSON: {e}') from e
 
 
+def finished_stage_kinds(workdir: str) -> dict[str, str]:
+  """{stage: kind} of the stages with a done.json: the pipeline's in their
+  order, then those of an experiment that extends it (`pipeline.run`'s
+  `stages`, e.g. benchmarks/self_training_rounds.py) by name, whose kind is
+  read from what they saved: 'train' with a `model/`, 'pseudo_labels' with
+  `labels/`, else 'prototypes'."""
+  def done(name):
+    return os.path.exists(os.path.join(workdir, name, 'done.json'))
+
+  kinds = {s.name: s.kind for s in stage_graph.STAGES if done(s.name)}
+  extra = sorted(name for name in (os.listdir(workdir) if os.path.isdir(
+      workdir) else []) if name not in stage_graph.STAGE_BY_NAME
+                 and done(name))
+  for name in extra:
+    kinds[name] = next((kind for kind, output in (
+        ('train', 'model'), ('pseudo_labels', 'labels'))
+                        if os.path.isdir(os.path.join(workdir, name, output))),
+                       'prototypes')
+  return kinds
+
+
 def finished_stages(workdir: str) -> list[str]:
-  """Stages with a done.json, in pipeline order."""
-  return [s.name for s in stage_graph.STAGES
-          if os.path.exists(os.path.join(workdir, s.name, 'done.json'))]
+  """Stages with a done.json (`finished_stage_kinds`' order)."""
+  return list(finished_stage_kinds(workdir))
 
 
 def finished_training_stages(workdir: str) -> list[str]:
-  return [name for name in finished_stages(workdir)
-          if stage_graph.STAGE_BY_NAME[name].kind == 'train']
+  return [name for name, kind in finished_stage_kinds(workdir).items()
+          if kind == 'train']
 
 
 def choose_stage(workdir: str, stage: str | None = None) -> str:
@@ -115,7 +135,7 @@ def choose_stage(workdir: str, stage: str | None = None) -> str:
     if not trained:
       raise StageNotAvailableError(f'no finished training stage; {listing}')
     return trained[-1]
-  if stage not in stage_graph.STAGE_BY_NAME:
+  if stage not in stage_graph.STAGE_BY_NAME and stage not in finished:
     raise StageNotAvailableError(
         f'unknown stage {stage!r} (stages: '
         f'{[s.name for s in stage_graph.STAGES]}); {listing}')
@@ -124,7 +144,7 @@ def choose_stage(workdir: str, stage: str | None = None) -> str:
                                  f'{listing}')
   if stage not in trained:
     raise StageNotAvailableError(
-        f'stage {stage!r} is a {stage_graph.STAGE_BY_NAME[stage].kind} stage '
+        f'stage {stage!r} is a {finished_stage_kinds(workdir)[stage]} stage '
         f'and has no model; {listing}')
   return stage
 

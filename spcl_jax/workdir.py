@@ -19,6 +19,8 @@ from typing import IO, Callable
 
 from absl import logging
 
+from spcl_jax import console
+
 # Temporary names of our own writers (matched against a file or folder's
 # base name), by where the writers put them:
 # write_atomically: tempfile.mkstemp(prefix='.<file name>.tmp-') (before:
@@ -89,8 +91,16 @@ def write_json(path: str, data, sort_keys: bool = True) -> None:
 
 
 def read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
+  """The JSON file `path` (ours: written by `write_json`); one that is not
+  JSON is a ValueError naming it (our writes are atomic, so it was edited
+  or damaged outside a run)."""
+  with open(path, encoding='utf-8') as f:
+    try:
+      return json.load(f)
+    except ValueError as e:   # not JSON, not UTF-8
+      raise ValueError(f'{path} is not JSON ({e}); it is written by the '
+                       'pipeline: restore it, or delete it (a done.json: '
+                       'the stage is done again) and rerun') from e
 
 
 def _litter_folders(workdir: str, stage_names):
@@ -164,8 +174,12 @@ def remove_incomplete_tfds_builds(parent: str) -> list[str]:
 
 
 def crash_after_write(config, write: str, wait=None) -> None:
-  """Test hook: SIGKILLs this process if `config.testing.crash_after_write`
-  names `write` (after `wait()`, which finishes an asynchronous write)."""
+  """Called after each write of a run (named as `testing.crash_after_write`
+  names them; logged to the log file, where the crash-point sweep of the
+  tests finds every one). Test hook: SIGKILLs this process if
+  `config.testing.crash_after_write` names `write` (after `wait()`, which
+  finishes an asynchronous write)."""
+  logging.info('write point %s', write, extra={console.FILE_ONLY: True})
   if config.testing.crash_after_write != write:
     return
   if wait is not None:

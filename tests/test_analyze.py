@@ -255,3 +255,31 @@ def test_analyze_bad_input(reference, tmp_path, monkeypatch):
   with pytest.raises(PermissionError,
                      match='cannot write to the output directory'):
     analyze.analyze(str(reference), str(blocked / 'out'))
+
+
+def test_stages_of_an_experiment_that_extends_the_pipeline_are_found(
+    tmp_path):
+  """A workdir of benchmarks/self_training_rounds.py: its extra stages are
+  chosen by name, a training one (it saved a model) by default, the
+  pseudo-label one refused as having no model."""
+  workdir = _partial_workdir(tmp_path, ['warmup', 'self_training',
+                                        'pseudo_labels_round2_q80',
+                                        'self_training_round2_q80'])
+  (workdir / 'self_training_round2_q80' / 'model').mkdir()
+  (workdir / 'pseudo_labels_round2_q80' / 'labels').mkdir()
+  (workdir / 'notes').mkdir()   # no done.json: not a stage
+  assert trained_model.finished_stage_kinds(str(workdir)) == {
+      'warmup': 'train', 'self_training': 'train',
+      'pseudo_labels_round2_q80': 'pseudo_labels',
+      'self_training_round2_q80': 'train'}
+  assert trained_model.choose_stage(str(workdir)) == (
+      'self_training_round2_q80')
+  assert trained_model.choose_stage(
+      str(workdir), 'self_training_round2_q80') == 'self_training_round2_q80'
+  with pytest.raises(trained_model.StageNotAvailableError,
+                     match="'pseudo_labels_round2_q80' is a pseudo_labels "
+                           'stage and has no model'):
+    trained_model.choose_stage(str(workdir), 'pseudo_labels_round2_q80')
+  with pytest.raises(trained_model.StageNotAvailableError,
+                     match="unknown stage 'self_training_round3'"):
+    trained_model.choose_stage(str(workdir), 'self_training_round3')

@@ -130,6 +130,8 @@ def test_gta5_holds_the_released_recipe():
   assert (t.scale_range, t.crop_size, t.flip) == ((0.5, 1.5), (512, 1024),
                                                   True)
   assert t.color_jitter == (0.5, 0.5, 0.5, 0.2)
+  # torchvision's jitter on PIL images, as the released transforms
+  assert c.data.color_jitter_implementation == 'released'
   for name in ('pseudo_labels', 'pseudo_labels_2'):
     assert c.stages[name].threshold_cap == 0.9
     assert c.stages[name].threshold_quantile == 0.5  # the median
@@ -175,3 +177,23 @@ def test_released_with_a_contradicting_setting_is_refused():
           "stages.spcl.target_mask = 'online'; the released code has "
           "'offline'") in message
   assert "contradicts chain_model = 'final'" in message
+
+
+def test_colour_jitter_implementation_is_checked_and_reaches_the_pipeline():
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  from spcl_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+  from spcl_jax import stage_context  # pylint: disable=g-import-not-at-top
+  config = demo.get_config()
+  # the demo keeps the jitter its recorded results were made with
+  assert config.data.color_jitter_implementation == 'float'
+  config.data.color_jitter_implementation = 'pil'
+  with pytest.raises(ValueError, match=r"data.color_jitter_implementation: "
+                     r"'pil', expected one of \['float', 'released'\]"):
+    pipeline.validate(config, num_devices=2)
+  config.data.color_jitter_implementation = 'released'
+  ctx = stage_context.Context(config, '/nonexistent', None, None)
+  specs = stage_context.train_specs(ctx, pipeline.stage_graph.STAGE_BY_NAME[
+      'warmup'])
+  jitters = [op for op in ip.transforms_of(specs['source_iterator'])
+             if isinstance(op, ip.ColorJitter)]
+  assert [j.implementation for j in jitters] == ['released']

@@ -7,6 +7,7 @@ import io
 import logging as py_logging
 import os
 import re
+import subprocess
 import sys
 
 from absl import logging
@@ -293,16 +294,27 @@ def test_verbose_console_keeps_everything_and_absl_format(fresh_state):
 def test_native_log_level_before_tensorflow():
   env = {}
   console.quiet_native_logs(['main', '--workdir=w'], env)
-  assert env == {'TF_CPP_MIN_LOG_LEVEL': '1'}
+  assert env == {'TF_CPP_MIN_LOG_LEVEL': '1', 'TF_ENABLE_ONEDNN_OPTS': '0'}
   env = {'TF_CPP_MIN_LOG_LEVEL': '0'}           # the user's own setting
   console.quiet_native_logs(['main'], env)
-  assert env == {'TF_CPP_MIN_LOG_LEVEL': '0'}
+  assert env == {'TF_CPP_MIN_LOG_LEVEL': '0', 'TF_ENABLE_ONEDNN_OPTS': '0'}
   for argv in (['m', '--verbosity=1'], ['m', '-v', '2'], ['m', '--v=1'],
                ['m', '--verbosity', '1']):
     env = {}
     console.quiet_native_logs(argv, env)
     assert env == {}, argv
   assert console.verbosity_from_argv(['m', '--verbosity=x']) == 0
+
+
+def test_tensorflow_import_is_silent_after_quiet_native_logs():
+  """What every process of a run (and each grain worker) does first."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('TF_CPP_MIN_LOG_LEVEL', 'TF_ENABLE_ONEDNN_OPTS')}
+  result = subprocess.run(
+      [sys.executable, '-c', 'import sys; from spcl_jax import console; '
+       'console.quiet_native_logs(sys.argv); import tensorflow'],
+      cwd=ROOT, capture_output=True, text=True, check=True, env=env)
+  assert result.stderr == ''
 
 
 class _Clock:
@@ -401,6 +413,18 @@ def test_train_progress_leaves_compile_time_out_of_images_per_sec(caplog):
   lines = [r.getMessage() for r in caplog.records]
   assert lines[0] == 'warmup: step 4/10  loss 1  8.0 images/s  ETA 6s'
   assert lines[1] == 'warmup: step 6/10  loss 1  8.0 images/s  ETA 4s'
+
+
+def test_train_progress_last_line_has_no_eta(caplog):
+  progress = console.TrainProgress('spcl', 0, 4, 2,
+                                   clock=_Times(10.0, 12.0, 13.0))
+  progress.step_done(1)
+  with caplog.at_level(py_logging.INFO):
+    progress.log(2, {'loss': 1.0})
+    progress.log(4, {'loss': 0.5})
+  assert [r.getMessage() for r in caplog.records] == [
+      'spcl: step 2/4  loss 1  1.0 images/s  ETA 4s',
+      'spcl: step 4/4  loss 0.5  4.0 images/s']
 
 
 def test_train_progress_first_step_alone_has_no_rate(caplog):

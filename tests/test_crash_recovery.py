@@ -298,22 +298,17 @@ def reference(smoke_reference):
 
 
 @pytest.mark.slow
-def test_preemption_at_the_last_step_and_crashes_at_the_stage_end(
-    tiny_demo, reference, tmp_path):
-  """Defects 1, 2, 8: SIGTERM at spcl's last step exits 75; reruns killed
-  after the prototypes stage's `prototypes`, after spcl's `prototypes` (its
-  `model` already written) and after spcl's done.json each resume; the last
-  rerun exits 0 with the uninterrupted outputs and report."""
-  _copy(reference, tmp_path, ['warmup', 'pseudo_labels'])
-  config = 'configs/demo.py:smoke,prototypes,spcl'
-  _expect(_main(tmp_path, tiny_demo,
-                '--config.testing.crash_after_write=prototypes/prototypes',
-                config=config),
-          KILLED)
-  assert not (tmp_path / 'prototypes' / 'done.json').exists()
-  # the signal lands while the last step (4) runs: its evaluation stops
-  # before its first batch, step 4 is checkpointed, and its evaluation
-  # (offered to best/) runs on the resume
+def test_preemption_at_the_last_step_resumes(tiny_demo, reference,
+                                             tmp_path):
+  """Defects 1, 8: SIGTERM at spcl's last step exits 75 (its evaluation
+  stops before the first batch, the step is checkpointed); the rerun
+  evaluates the step first and is killed after writing its evaluation
+  history (best/ is written before it, so the next rerun, which finds the
+  step evaluated, still has it); the last exits 0 with the uninterrupted
+  outputs. (The crashes at the stage's end, defect 2, are in the
+  crash-point sweep below.)"""
+  _copy(reference, tmp_path, ['warmup', 'prototypes', 'pseudo_labels'])
+  config = 'configs/demo.py:smoke,spcl'
   _expect(_main(tmp_path, tiny_demo, '--config.testing.sigterm_stage=spcl',
                 '--config.testing.sigterm_at_step=3', config=config),
           75, 'preempted at step 4 during its evaluation',
@@ -322,20 +317,13 @@ def test_preemption_at_the_last_step_and_crashes_at_the_stage_end(
   assert not (tmp_path / 'spcl' / 'best' / '4').exists()
   assert not (tmp_path / 'spcl' / 'done.json').exists()
   _expect(_main(tmp_path, tiny_demo,
-                '--config.testing.crash_after_write=spcl/prototypes',
-                config=config),
-          KILLED, 'spcl: resuming from step 4')
-  assert (tmp_path / 'spcl' / 'model').is_dir()
-  _expect(_main(tmp_path, tiny_demo,
-                '--config.testing.crash_after_write=spcl/done.json',
+                '--config.testing.crash_after_write=spcl/eval_history.json',
                 config=config),
           KILLED, 'spcl: resuming from step 4')
   _expect(_main(tmp_path, tiny_demo, config=config), 0,
-          'spcl: finished earlier, skipped')
-  _assert_trees_close(tmp_path / 'prototypes' / 'prototypes',
-                      reference / 'prototypes' / 'prototypes')
+          'spcl: resuming from step 4')
   _assert_same_outputs(tmp_path, reference, 'spcl', ('model', 'prototypes'))
-  assert workdir_lib.litter_paths(str(tmp_path), ['prototypes', 'spcl']) == []
+  assert workdir_lib.litter_paths(str(tmp_path), ['spcl']) == []
 
 
 @pytest.mark.slow
@@ -398,3 +386,78 @@ def test_crash_after_best_then_corrupt_newest_checkpoint(tiny_demo, reference,
   for name in users:
     assert (tmp_path / name).exists(), name
   assert not os.path.exists(incomplete)
+
+
+# The kinds of write a smoke run makes (the crash-point sweep must meet
+# each: the names of `testing.crash_after_write`, configs/default.py).
+WRITE_KINDS = {'config.json', 'checkpoints', 'best', 'eval_history.json',
+               'model', 'prototypes', 'labels', 'table', 'done.json',
+               'report.json'}
+
+
+def _write_kind(point: str) -> str:
+  if point.startswith('report.json:'):
+    return 'report.json'
+  parts = point.split('/')
+  return parts[1] if len(parts) > 1 else parts[0]
+
+
+def _sweep(points):
+  """The runs of the crash-point sweep, in order: (flag, value, exit status,
+  text the run prints). SIGTERM while the demo data builds and while the
+  warm-up model initialises; then for each write point, SIGKILL right after
+  it, preceded at a stage's first write by SIGTERM while its step compiles
+  (and, in a pseudo-label stage, its label step)."""
+  runs = [('sigterm_during', 'build', 75,
+           'preempted while building sim2real_demo/tiny'),
+          ('sigterm_during', 'warmup/initialise', 75,
+           'preempted while initialising the warmup model')]
+  started = set()
+  for point in points:
+    stage = point.split('/')[0] if '/' in point else None
+    if stage and stage not in started:
+      started.add(stage)
+      runs.append(('sigterm_during', f'{stage}/compile', 75,
+                   f'preempted while compiling the {stage} '))
+      if stage.startswith('pseudo_labels'):
+        runs.append(('sigterm_during', f'{stage}/compile_labels', 75,
+                     f'preempted while compiling the {stage} label step'))
+    runs.append(('crash_after_write', point, KILLED,
+                 f'testing.crash_after_write={point!r}: killing this '
+                 'process'))
+  return runs
+
+
+@pytest.mark.slow
+def test_crash_point_sweep_every_interruption_resumes(reference,
+                                                      tmp_path):
+  """The crash-point sweep (issue 10): from an empty workdir and data
+  directory, each run is stopped at the next interruption point of
+  `_sweep` (every write the uninterrupted run made, as its log.txt lists
+  them, and the waits that cannot stop between batches) and the next run
+  resumes it; the last run ends with every stage's outputs equal to the
+  uninterrupted run's and nothing left behind."""
+  points = re.findall(r'write point (\S+)',
+                      (reference / 'log.txt').read_text())
+  assert {_write_kind(p) for p in points} == WRITE_KINDS, points
+  assert len(points) == len(set(points)), points   # each write once
+  workdir, data_dir = tmp_path / 'run', tmp_path / 'data'
+  for flag, value, status, text in _sweep(points):
+    _expect(_main(workdir, data_dir, f'--config.testing.{flag}={value}'),
+            status, text)
+  _expect(_main(workdir, data_dir), 0)
+  ours = json.loads((workdir / 'report.json').read_text())['stages']
+  theirs = json.loads((reference / 'report.json').read_text())['stages']
+  assert list(ours) == list(theirs)
+  for stage in ('warmup', 'spcl', 'self_training'):
+    _assert_same_outputs(workdir, reference, stage,
+                         ('model', 'prototypes') if stage == 'spcl'
+                         else ('model',))
+  _assert_trees_close(workdir / 'prototypes' / 'prototypes',
+                      reference / 'prototypes' / 'prototypes')
+  for stage in ('pseudo_labels', 'pseudo_labels_2'):
+    assert (workdir / stage / 'done.json').read_text() == (
+        reference / stage / 'done.json').read_text()
+  assert workdir_lib.litter_paths(str(workdir), list(ours)) == []
+  assert workdir_lib.incomplete_tfds_builds(
+      str(data_dir / 'sim2real_demo' / 'tiny')) == []

@@ -393,3 +393,136 @@ def test_resize_interpolation_bicubic_for_images_nearest_for_labels():
   np.testing.assert_array_equal(bicubic['label'], ip.resize_label(label,
                                                                   (7, 9)))
   np.testing.assert_array_equal(bicubic['label'], bilinear['label'])
+
+
+def _jitter_images():
+  """A random image, a smooth one with greys (PIL's HSV s = 0 branch) and
+  saturated primaries, uint8 [H, W, 3]."""
+  noise = np.random.RandomState(2).randint(0, 256, (23, 31, 3)).astype(
+      np.uint8)
+  y, x = np.mgrid[0:23, 0:31]
+  smooth = np.stack([x * 8, y * 11, (x + y) * 4], -1).clip(0, 255)
+  smooth[:5, :5] = 128                                 # grey
+  smooth[-3:, -3:] = [255, 0, 0]                       # saturated
+  smooth[:3, -3:] = 0                                  # black
+  return noise, smooth.astype(np.uint8)
+
+
+@pytest.mark.parametrize('order', [(0, 1, 2, 3), (3, 2, 1, 0), (1, 3, 0, 2)])
+@pytest.mark.parametrize('factors', [
+    (1.37, 0.62, 1.41, 0.13), (0.5, 1.5, 0.5, -0.2), (0.0, 1.0, 0.0, 0.5),
+    (1.5, 0.0, 1.5, -0.5), (0.93, 1.21, 1.07, -0.0042)])
+def test_released_color_jitter_is_torchvisions_pil_path(order, factors):
+  """For fixed factors and order: the bytes of torchvision's PIL
+  adjust_brightness / contrast / saturation / hue."""
+  import torchvision.transforms.functional as F  # pylint: disable=g-import-not-at-top
+  reference = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation,
+               F.adjust_hue)
+  for image in _jitter_images():
+    ours, theirs = Image.fromarray(image), Image.fromarray(image)
+    for op in order:
+      ours = ip.adjust_color(ours, op, factors[op])
+      theirs = reference[op](theirs, factors[op])
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def test_released_color_jitter_draws_like_torchvision_and_applies_them():
+  """`released_color_jitter` applies `jitter_params`' order and factors
+  (torchvision's ranges) with torchvision's functions."""
+  import torchvision.transforms.functional as F  # pylint: disable=g-import-not-at-top
+  reference = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation,
+               F.adjust_hue)
+  for seed in range(6):
+    order, factors = ip.jitter_params(np.random.default_rng(seed),
+                                      0.5, 0.5, 0.5, 0.2)
+    assert sorted(order) == [0, 1, 2, 3]
+    assert all(0.5 <= f <= 1.5 for f in factors[:3])
+    assert -0.2 <= factors[3] <= 0.2
+    for image in _jitter_images():
+      expected = Image.fromarray(image)
+      for op in order:
+        expected = reference[op](expected, factors[op])
+      ours = ip.released_color_jitter(image, np.random.default_rng(seed),
+                                      0.5, 0.5, 0.5, 0.2)
+      assert ours.dtype == np.uint8 and ours.shape == image.shape
+      np.testing.assert_array_equal(ours, np.asarray(expected))
+  # a zero parameter skips its operation (torchvision: factor None)
+  _, factors = ip.jitter_params(np.random.default_rng(0), 0, 0.5, 0, 0)
+  assert factors[0] is None and factors[2] is None and factors[3] is None
+  image = _jitter_images()[0]
+  np.testing.assert_array_equal(
+      ip.released_color_jitter(image, np.random.default_rng(0), 0, 0, 0, 0),
+      image)
+
+
+def test_released_color_jitter_is_deterministic_per_record():
+  """Through grain's per-record generators: the same seed gives the same
+  images, another seed others; the 'float' default is unchanged."""
+  records = [{'image': image} for image in _jitter_images() * 2]
+  jitter = ip.ColorJitter(0.5, 0.5, 0.5, 0.2, implementation='released')
+
+  def run(op, seed):
+    dataset = grain.MapDataset.source(records).random_map(op, seed=seed)
+    return [element['image'] for element in dataset]
+
+  first, again, other = run(jitter, 5), run(jitter, 5), run(jitter, 6)
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a, b)
+  assert not all(np.array_equal(a, b) for a, b in zip(first, other))
+  # the records at positions 0 and 2 are the same image, jittered apart
+  assert not np.array_equal(first[0], first[2])
+  floats = run(ip.ColorJitter(0.5, 0.5, 0.5, 0.2), 5)
+  assert not all(np.array_equal(a, b) for a, b in zip(first, floats))
+
+
+def test_color_jitter_rejects_bad_parameters():
+  with pytest.raises(ValueError, match="'pil' is not one of"):
+    ip.ColorJitter(0.5, 0.5, 0.5, 0.2, implementation='pil')
+  with pytest.raises(ValueError, match=r'hue in \[0, 0.5\]'):
+    ip.ColorJitter(0.5, 0.5, 0.5, 0.6)
+  with pytest.raises(ValueError, match='>= 0'):
+    ip.ColorJitter(-0.1, 0.5, 0.5, 0.2)
+  with pytest.raises(ValueError, match=r'not in \[-0.5, 0.5\]'):
+    ip.adjust_hue(Image.new('RGB', (2, 2)), 0.7)
+
+
+@pytest.mark.parametrize('process_count,batch', [(1, 4), (2, 4), (3, 6)])
+def test_threaded_eval_batches_equal_single_threaded(process_count, batch):
+  """Decoding in threads changes nothing: the same records, order, padding
+  and per-process slices as reading in one thread."""
+  records = [_palette_record(s) for s in range(11)]
+  spec = ip.PipelineSpec('unused', 'val', '.', global_batch_size=batch,
+                         size=(20, 30), shuffle=False)
+
+  def read(process, threads):
+    return list(ip.eval_batches(spec, source=records, process_index=process,
+                                process_count=process_count, threads=threads))
+
+  per_process = -(-11 // process_count)
+  for process in range(process_count):
+    one, threaded = read(process, 0), read(process, 3)
+    assert len(one) == len(threaded) == -(-per_process //
+                                          (batch // process_count))
+    for a, b in zip(one, threaded):
+      assert a.keys() == b.keys()
+      for key in a:
+        assert np.asarray(a[key]).dtype == np.asarray(b[key]).dtype
+        np.testing.assert_array_equal(a[key], b[key])
+  # one process: exactly grain's plain batching of the transformed records
+  dataset = grain.MapDataset.source(records)
+  for op in ip.transforms_of(spec):
+    dataset = dataset.map(op)
+  plain = [dataset[i:i + batch] for i in range(0, 11, batch)]
+  got = list(ip.eval_batches(spec, source=records, process_index=0,
+                             process_count=1, threads=2))
+  for elements, b in zip(plain, got):
+    np.testing.assert_array_equal(b['image'][:len(elements)],
+                                  np.stack([e['image'] for e in elements]))
+    assert [str(i) for i in b['image_id'][:len(elements)]] == [
+        e['image_id'] for e in elements]
+  assert sum(int(b['valid'].sum()) for b in got) == 11
+  assert not got[-1]['valid'][-1] and (got[-1]['label'][-1] == 255).all()
+  with pytest.raises(ValueError, match='threads must be >= 0'):
+    ip.eval_batches(spec, source=records, threads=-1)
+  with pytest.raises(ValueError, match='fewer than one image per process'):
+    ip.eval_batches(spec, source=records, process_index=0, process_count=7)

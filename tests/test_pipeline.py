@@ -188,10 +188,11 @@ def test_whole_pipeline_on_two_processes_equals_one_process(
   for status, err in resumed:
     assert status == 0, err[-4000:]
     assert 'spcl: resuming from step 2' in err, err[-4000:]
-  for stage, run in (('warmup', preempted), ('spcl', resumed),
-                     ('self_training', resumed)):
-    digests = [re.search(stage + r': process (\d) state digest (\w+)', err)
-               for _, err in run]
+  logs = [(tmp_path / name).read_text()   # both runs, appended
+          for name in ('log.txt', 'log.process_1.txt')]
+  for stage in ('warmup', 'spcl', 'self_training'):
+    digests = [re.search(stage + r': process (\d) state digest (\w+)', log)
+               for log in logs]
     assert [int(d.group(1)) for d in digests] == [0, 1], stage
     assert digests[0].group(2) == digests[1].group(2), stage
   ours = json.loads((tmp_path / 'report.json').read_text())['stages']

@@ -226,3 +226,32 @@ def test_watch_means_restart_at_each_log_and_finite_reads_pass():
   watch.add(_Metrics.single_from_model_output(
       loss=_mesh_scalar(7.0), adv=_mesh_scalar(1.0)))
   assert watch.read().means == {'loss': 7.0, 'adv': 1.0}
+
+
+class _Pending:
+  """A step's output that records when the host waited for it."""
+
+  def __init__(self, name, waited):
+    self.name, self.waited = name, waited
+
+  def block_until_ready(self):
+    self.waited.append(self.name)
+    return self
+
+
+@pytest.mark.parametrize('limit,waited', [
+    (2, ['s0', 's1', 's2']),   # s3 and s4 still in flight
+    (1, ['s0', 's1', 's2', 's3']),
+    (0, [])])                  # no bound
+def test_dispatch_window_waits_for_the_oldest_step_beyond_its_limit(
+    limit, waited):
+  seen = []
+  window = step_loop.DispatchWindow(limit)
+  for i in range(5):
+    window.add(_Pending(f's{i}', seen))
+  assert seen == waited
+
+
+def test_dispatch_window_refuses_a_negative_limit():
+  with pytest.raises(ValueError, match='limit -1 must be >= 0'):
+    step_loop.DispatchWindow(-1)
