@@ -111,8 +111,10 @@ def interruptible(ctx, name: str, what: str,
 
   With several processes, they look at the flags together (an all-gather of
   (SIGTERM, done) per poll) until every process's work is done or one got
-  SIGTERM, so all of them stop at the same poll. The work itself must not
-  run a collective (compile, do not execute; build on process 0 only)."""
+  SIGTERM, so all of them stop at the same poll. The work must then not run
+  anything on the devices (compile, do not execute; build on process 0
+  only): a program of its own running beside the poll's collectives has
+  aborted a two-process CPU run."""
   box, stop = {}, threading.Event()
 
   def target():

@@ -49,8 +49,8 @@ def _initial_state(ctx, stage, model):
   init_rng, disc_rng, state_rng = jax.random.split(rng, 3)
   adversarial = stage.step == 'warmup' and cfg.adversarial_weight > 0
 
-  def fresh(stop):   # on this process alone (no collective); cannot stop
-    del stop
+  def fresh(stop=None):   # on this process alone (no collective)
+    del stop   # cannot stop
     variables = (train.initial_variables(ctx.config, init_rng)
                  if stage.model_from is None else None)
     disc_params = None
@@ -59,9 +59,12 @@ def _initial_state(ctx, stage, model):
           disc_rng, jnp.zeros((1, 64, 64, ctx.config.model.num_classes)))
     return variables, disc_params
 
-  variables, disc_params = stage_context.interruptible(
-      ctx, f'{stage.name}/initialise', f'initialising the {stage.name} '
-      'model', fresh)
+  if jax.process_count() == 1:
+    variables, disc_params = stage_context.interruptible(
+        ctx, f'{stage.name}/initialise', f'initialising the {stage.name} '
+        'model', fresh)
+  else:   # it computes on the devices: not beside the poll's collectives
+    variables, disc_params = fresh()
   if stage.model_from is not None:
     variables = stage_context.load_model(ctx, stage.model_from, model)
   variables = jax.device_get(variables)
