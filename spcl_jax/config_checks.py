@@ -208,7 +208,7 @@ def _demo_splits(field: str, dataset: str) -> list | None:
   from data_prep import builders  # pylint: disable=g-import-not-at-top
   from data_prep import sim2real_demo  # pylint: disable=g-import-not-at-top
   name, _, config_name = dataset.partition('/')
-  if name != 'sim2real_demo':
+  if name not in builders.BUILT_BY_RUNS:
     return None
   configs = [c.name for c in builders.DATASETS[name].BUILDER_CONFIGS]
   if config_name and config_name not in configs:

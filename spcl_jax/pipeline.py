@@ -96,11 +96,11 @@ def _ensure_demo_data(ctx) -> None:
   data = ctx.config.data
   if not data.build_if_missing:
     return
+  from data_prep import builders  # pylint: disable=g-import-not-at-top
   for dataset in {data.source, data.target}:
     name, _, config_name = dataset.partition('/')
-    if name != 'sim2real_demo':
+    if name not in builders.BUILT_BY_RUNS:
       continue
-    from data_prep import builders  # pylint: disable=g-import-not-at-top
     version = str(builders.DATASETS[name].VERSION)
     config_dir = os.path.join(ctx.data_dir(), name, config_name or 'default')
     info = os.path.join(config_dir, version, 'dataset_info.json')

@@ -107,10 +107,11 @@ def finished_stage_kinds(workdir: str) -> dict[str, str]:
       workdir) else []) if name not in stage_graph.STAGE_BY_NAME
                  and done(name))
   for name in extra:
-    kinds[name] = next((kind for kind, output in (
-        ('train', 'model'), ('pseudo_labels', 'labels'))
-                        if os.path.isdir(os.path.join(workdir, name, output))),
-                       'prototypes')
+    folder = os.path.join(workdir, name)
+    kinds[name] = (
+        'train' if os.path.isdir(os.path.join(folder, 'model')) else
+        'pseudo_labels' if os.path.isdir(os.path.join(folder, 'labels')) else
+        'prototypes')
   return kinds
 
 
