@@ -65,6 +65,7 @@ import numpy as np
 
 from benchmarks import seed_stats
 from configs import default
+from spcl_jax import flag_errors
 from spcl_jax import input_pipeline as ip
 from spcl_jax import labels as label_table
 from spcl_jax import pipeline
@@ -535,4 +536,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  app.run(main, flags_parser=flag_errors.parse_flags)

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
+from spcl_jax import flag_errors
 from spcl_jax import models
 from spcl_jax import train
 
@@ -169,4 +170,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('config')
-  app.run(main)
+  app.run(main, flags_parser=flag_errors.parse_flags)

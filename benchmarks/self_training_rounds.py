@@ -31,6 +31,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from benchmarks import seed_stats
+from spcl_jax import flag_errors
 from spcl_jax import pipeline
 from spcl_jax import workdir as workdir_lib
 
@@ -200,4 +201,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=flag_errors.parse_flags)

@@ -27,6 +27,7 @@ import numpy as np
 from data_prep import sim2real_demo
 from data_prep import sim2real_render as render_lib
 from spcl_jax import evaluation
+from spcl_jax import flag_errors
 from spcl_jax import input_pipeline as ip
 from spcl_jax import labels as label_table
 from spcl_jax import sharding
@@ -164,4 +165,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=flag_errors.parse_flags)

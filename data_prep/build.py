@@ -19,6 +19,8 @@ from absl import logging
 
 from data_prep import builders
 from data_prep import sim2real_demo
+from spcl_jax import input_pipeline as ip
+from spcl_jax import workdir as workdir_lib
 
 _DATASET = flags.DEFINE_string(
     'dataset', None, f'one of {", ".join(sorted(builders.DATASETS))} '
@@ -90,6 +92,12 @@ def main(argv):
                       'label_suffix': _LABEL_SUFFIX.value}
   elif _NAME.value or _LABEL_MAP.value:
     raise app.UsageError('--name and --label_map are for --dataset folder')
+  if workdir_lib.is_remote(_DATA_DIR.value):   # not a local folder `gs:`
+    name = _NAME.value or _DATASET.value.partition('/')[0]
+    raise app.UsageError(
+        f'--data_dir={_DATA_DIR.value}: a build writes local files only '
+        '(ArrayRecord); build into a local --data_dir and copy it up: '
+        f'{ip.copy_up_command(name, _DATA_DIR.value)}')
   builder = builders.build(_DATASET.value, _DATA_DIR.value, config,
                            _MANUAL_DIR.value, _SKIP_CORRUPT.value,
                            **folder_options)

@@ -1,2 +1,7 @@
 """spcl_jax: SPCL (semantic prototype-based contrastive learning) for domain
 adaptive semantic segmentation, in JAX/Flax."""
+
+# XLA reads XLA_FLAGS when its first backend starts: add our defaults first.
+from spcl_jax import xla_flags as _xla_flags  # pylint: disable=g-import-not-at-top
+
+_xla_flags.add_defaults()

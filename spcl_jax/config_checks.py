@@ -222,12 +222,13 @@ def check_datasets(config, workdir: str,
   """Refuses a run whose data is missing before anything is written or set
   up: every split that the unfinished stages to run read (`datasets_read`)
   must be built in `data.data_dir`, or be one of the demo's, which the run
-  builds (`data.build_if_missing`). Raises
+  builds (`data.build_if_missing`) into a local `data.data_dir` (not into a
+  `gs://` one: TFDS's ArrayRecord writer writes local files only). Raises
   `input_pipeline.DatasetNotBuiltError` (naming the dataset, the folder
   looked in and the build command), or a ValueError naming the config
   fields and the splits the dataset has."""
   data = config.data
-  data_dir = os.path.expanduser(data.data_dir)
+  data_dir = ip.data_dir_path(data.data_dir)
   unfinished = tuple(s for s in stages if not os.path.exists(
       os.path.join(workdir, s.name, 'done.json')))
   for field, split_field in datasets_read(config, unfinished):
@@ -239,6 +240,12 @@ def check_datasets(config, workdir: str,
                 else None)
       if splits is None:
         raise
+      if workdir_lib.is_remote(data_dir):   # a build writes local files
+        raise ip.DatasetNotBuiltError(
+            f'data.data_dir = {data_dir!r}: dataset {dataset!r} is not built '
+            'there, and a run builds it into a local data_dir only; build it '
+            'into a local data_dir and copy it up: '
+            f'{ip.build_command(dataset, data_dir)}') from None
       where = 'built by this run'
     else:
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top

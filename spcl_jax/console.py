@@ -304,7 +304,10 @@ def _isatty(stream) -> bool:
 
 
 def duration(seconds: float) -> str:
-  """'42s', '3m05s', '1h02m'."""
+  """'<1s', '42s', '3m05s', '1h02m' (0 only for no time at all: an ETA
+  of a fraction of a second is not 'done')."""
+  if 0 < seconds < 1:
+    return '<1s'
   seconds = int(round(max(seconds, 0)))
   if seconds < 60:
     return f'{seconds}s'

@@ -85,13 +85,15 @@ def evaluate(workdir: str, stage: str | None = None,
   """Evaluates a stage's model; returns (metrics, output directory) after
   writing metrics.json, table.md and table.csv there. Every check (stage,
   checkpoint, class sets, scales, data, output directory) comes first."""
+  if data_dir:
+    workdir_lib.check_readable_path('--data_dir', data_dir)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   config = trained_model.read_config(workdir)
   stage = trained_model.choose_stage(workdir, stage)
   scales = inference.check_scales(scales)
   data = config.data
   dataset, split = dataset or data.target, split or data.val_split
-  data_dir = os.path.expanduser(data_dir or data.data_dir)
+  data_dir = ip.data_dir_path(data_dir or data.data_dir)
   class_sets = tuple(class_sets or config.evaluation.class_sets)
   config = evaluation_config(config, dataset, split, data_dir, class_sets)
   ctx = trained_model.context(config, workdir, checkpoint)

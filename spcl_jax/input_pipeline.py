@@ -27,6 +27,7 @@ import tempfile
 from typing import Any, Iterator, Sequence
 
 from absl import flags
+from etils import epath
 import grain
 import jax
 import msgpack
@@ -36,6 +37,7 @@ from PIL import Image
 from spcl_jax import console
 from spcl_jax import labels as label_table
 from spcl_jax import sharding as sharding_lib
+from spcl_jax import workdir as workdir_lib
 
 IGNORE_LABEL = 255
 
@@ -46,38 +48,64 @@ class DatasetNotBuiltError(FileNotFoundError):
   """A dataset that is not (completely) built in the data directory."""
 
 
+def data_dir_path(data_dir: str) -> str:
+  """A data directory as the pipeline reads it: a URL (`gs://bucket/tfds`)
+  as it is, a local path with `~` expanded."""
+  if workdir_lib.is_remote(data_dir):
+    return data_dir
+  return os.path.expanduser(data_dir)
+
+
+def copy_up_command(name: str, data_dir: str) -> str:
+  """The command that copies the dataset `name` built into a local
+  LOCAL_DIR up to the remote `data_dir` (builds write local files only:
+  array_record's writer)."""
+  return f'gsutil -m cp -r LOCAL_DIR/{name} {data_dir.rstrip("/")}/'
+
+
 def build_command(dataset: str, data_dir: str) -> str:
+  """The command that builds `dataset` into `data_dir`; for a remote
+  `data_dir`, into LOCAL_DIR and then copied up (`copy_up_command`)."""
   name, _, config = dataset.partition('/')
+  remote = workdir_lib.is_remote(data_dir)
+  output = 'LOCAL_DIR' if remote else data_dir
   from data_prep import builders  # pylint: disable=g-import-not-at-top
   if name not in builders.DATASETS:   # a folder of the user's images
-    return (f'python -m data_prep.build --dataset folder --name {name} '
-            f'--manual_dir FOLDER --data_dir {data_dir}')
-  config_flag = f' --config {config}' if config else ''
-  manual = '' if name == 'sim2real_demo' else ' --manual_dir DOWNLOAD_DIR'
-  return (f'python -m data_prep.build --dataset {name}{config_flag} '
-          f'--data_dir {data_dir}{manual}')
+    command = (f'python -m data_prep.build --dataset folder --name {name} '
+               f'--manual_dir FOLDER --data_dir {output}')
+  else:
+    config_flag = f' --config {config}' if config else ''
+    manual = '' if name == 'sim2real_demo' else ' --manual_dir DOWNLOAD_DIR'
+    command = (f'python -m data_prep.build --dataset {name}{config_flag} '
+               f'--data_dir {output}{manual}')
+  return f'{command} && {copy_up_command(name, data_dir)}' if remote else (
+      command)
 
 
 def dataset_directory(dataset: str, data_dir: str) -> str:
   """DATA_DIR/NAME[/CONFIG]/VERSION of the newest complete build, or
   `DatasetNotBuiltError` naming the dataset, the directory looked in and
   the exact build command. Only directories holding `dataset_info.json` are
-  complete: TFDS renames a build there when it has finished."""
-  data_dir = os.path.abspath(os.path.expanduser(data_dir))
+  complete: TFDS renames a build there when it has finished. A local
+  `data_dir` is made absolute; a URL (`gs://`) is listed through
+  etils.epath and stays a URL."""
+  data_dir = data_dir_path(data_dir)
+  if not workdir_lib.is_remote(data_dir):
+    data_dir = os.path.abspath(data_dir)
   name, _, config = dataset.partition('/')
-  where = os.path.join(data_dir, name, *([config] if config else []))
+  where = epath.Path(data_dir, name, *([config] if config else []))
   versions = []
-  if os.path.isdir(where):
-    for entry in os.listdir(where):
-      parts = entry.split('.')
+  if where.is_dir():
+    for entry in where.iterdir():
+      parts = entry.name.split('.')
       if (len(parts) == 3 and all(p.isdigit() for p in parts) and
-          os.path.exists(os.path.join(where, entry, 'dataset_info.json'))):
+          (entry / 'dataset_info.json').exists()):
         versions.append(tuple(int(p) for p in parts))
   if not versions:
     raise DatasetNotBuiltError(
         f'dataset {dataset!r} is not built in {data_dir} (looked in '
         f'{where}); build it with:\n  {build_command(dataset, data_dir)}')
-  return os.path.join(where, '.'.join(map(str, max(versions))))
+  return str(where / '.'.join(map(str, max(versions))))
 
 
 def open_source(dataset: str, split: str, data_dir: str):

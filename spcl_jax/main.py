@@ -81,8 +81,8 @@ def main(argv):
   console.setup(flags.FLAGS.verbosity)
   try:
     workdir_lib.check_local_path('--workdir', _WORKDIR.value)
-    workdir_lib.check_local_path('--config.data.data_dir',
-                                 _CONFIG.value.data.data_dir)
+    workdir_lib.check_readable_path('--config.data.data_dir',
+                                    _CONFIG.value.data.data_dir)
   except ValueError as e:
     console.report_error(str(e))
     sys.exit(1)

@@ -92,9 +92,11 @@ def _check_inputs(ctx, stage: Stage) -> None:
 
 def _ensure_demo_data(ctx) -> None:
   """Builds the demo dataset if its current version is missing (a build of
-  an older version is left alone and not read)."""
+  an older version is left alone and not read). Never into a remote data
+  directory (`gs://`): `config_checks.check_datasets` has refused a run
+  that would read a missing dataset there."""
   data = ctx.config.data
-  if not data.build_if_missing:
+  if not data.build_if_missing or workdir_lib.is_remote(ctx.data_dir()):
     return
   from data_prep import builders  # pylint: disable=g-import-not-at-top
   for dataset in {data.source, data.target}:

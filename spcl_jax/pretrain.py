@@ -27,6 +27,7 @@ import optax
 from ml_collections import config_flags
 
 from data_prep import pretrain_render
+from spcl_jax import flag_errors
 from spcl_jax import models
 from spcl_jax import workdir as workdir_lib
 from spcl_jax.models import porting
@@ -223,4 +224,4 @@ if __name__ == '__main__':
                                   lock_config=True)
   flags.DEFINE_string('output', None, 'directory to write')
   flags.mark_flags_as_required(['config', 'output'])
-  app.run(main)
+  app.run(main, flags_parser=flag_errors.parse_flags)

@@ -57,7 +57,7 @@ class Context:
     return os.path.exists(self.done_path(name))
 
   def data_dir(self) -> str:
-    return os.path.expanduser(self.config.data.data_dir)
+    return ip.data_dir_path(self.config.data.data_dir)
 
 
 def sync(name: str) -> None:

@@ -49,15 +49,35 @@ LITTER_PATTERNS = {
 TFDS_INCOMPLETE = re.compile(r'incomplete\.[A-Z0-9]{6}_(?P<version>[\w.]+)')
 
 
+def is_remote(path) -> bool:
+  """Whether `path` is a URL (`gs://bucket/dir`, `s3://...`) rather than a
+  local path (a bucket mounted as a file system, gcsfuse or NFS, is local).
+  Never pass a URL to `os.path.abspath` or `os.path.expanduser`: abspath
+  makes `gs://b/d` the local `<cwd>/gs:/b/d`."""
+  return '://' in str(path)
+
+
 def check_local_path(flag: str, path: str) -> None:
   """Refuses a remote URL (`gs://...`, `s3://...`) for `flag`: the pipeline
   writes with local file operations (rename for atomic writes), which would
   turn such a URL into a folder named `gs:` under the current directory.
   A bucket mounted as a file system (gcsfuse, NFS) is a local path."""
-  if '://' in str(path):
+  if is_remote(path):
     raise ValueError(
         f'{flag}={path}: remote URLs are not supported yet; use a local path '
         'or a file system mounted on every host (e.g. gcsfuse, NFS)')
+
+
+def check_readable_path(flag: str, path: str) -> None:
+  """Refuses a URL other than `gs://...` for `flag`, a directory the
+  pipeline only reads (the data directory): TFDS reads it through
+  etils.epath (TensorFlow's GCS file system) and its ArrayRecord files
+  through array_record's GCS client, which know no other remote storage."""
+  if is_remote(path) and not str(path).startswith('gs://'):
+    raise ValueError(
+        f'{flag}={path}: the only remote storage supported is gs://; use a '
+        'gs:// URL, a local path or a file system mounted on every host '
+        '(e.g. gcsfuse, NFS)')
 
 
 def write_atomically(path: str, write: Callable[[IO], None],

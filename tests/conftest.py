@@ -28,6 +28,9 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
 
 import pytest  # noqa: E402  (after the environment is set)
+# spcl_jax adds its default XLA flags (spcl_jax.xla_flags) on import: before
+# any test starts a backend.
+import spcl_jax  # noqa: E402,F401  pylint: disable=unused-import
 # torchvision (the parity tests' reference) must be loaded before clu's
 # TensorFlow summary writers: in the other order triton's import segfaults.
 import torchvision  # noqa: E402,F401  pylint: disable=unused-import

@@ -388,6 +388,17 @@ def test_train_progress_line(caplog):
   assert console.duration(3725) == '1h02m'
 
 
+def test_durations_round_to_whole_units_and_a_fraction_is_not_zero():
+  assert console.duration(0) == '0s'
+  assert console.duration(0.2) == '<1s'   # an ETA of 0.2 s is not 'done'
+  assert console.duration(0.99) == '<1s'
+  assert console.duration(1.4) == '1s'
+  assert console.duration(59.4) == '59s'
+  assert console.duration(59.6) == '1m00s'
+  assert console.duration(3599.6) == '1h00m'
+  assert console.duration(-3) == '0s'
+
+
 class _Times:
   """A clock that returns the given times in turn."""
 

@@ -194,6 +194,25 @@ def test_command_with_a_bad_config_flag_prints_one_line(tmp_path, config,
   assert not os.listdir(data_dir)
 
 
+@pytest.mark.parametrize('module, args', [
+    ('spcl_jax.pretrain', ['--config=configs/demo_pretrain.py',
+                           '--output={tmp}/out']),
+    ('benchmarks.memory', ['--config=configs/gta5.py']),
+])
+def test_other_commands_print_a_misspelt_config_field_in_one_line(
+    tmp_path, module, args):
+  """The pretraining command and the benchmarks that read a config parse
+  it as spcl_jax.main does (flag_errors.parse_flags)."""
+  result = subprocess.run(
+      [sys.executable, '-m', module,
+       *[arg.format(tmp=tmp_path) for arg in args], '--config.seedd=1'],
+      cwd=ROOT, capture_output=True, text=True, check=False,
+      env={**os.environ, 'XLA_FLAGS': ''})
+  _expect_one_error_line(result, "config has no field 'seedd'",
+                         "did you mean 'seed'?", lines_before=0)
+  assert not os.listdir(tmp_path)
+
+
 # ------------------------------------------------- c. corrupt shards --
 
 def _write_labels(stage_dir, count=3):
