@@ -24,12 +24,8 @@ from absl import flags
 
 from spcl_jax import xla_flags
 
-_STAGE = flags.DEFINE_string('stage', 'spcl', 'warmup | spcl | self_training')
-_DTYPE = flags.DEFINE_string('dtype', 'float32', 'float32 | bfloat16')
-_HEIGHT = flags.DEFINE_integer('height', 128, 'image height')
-_WIDTH = flags.DEFINE_integer('width', 256, 'image width')
-_BATCH = flags.DEFINE_integer('batch', 1, 'images per domain per step')
-_STEPS = flags.DEFINE_integer('steps', 3, 'timed steps')
+# step_vs_pytorch's flags that make the case, passed on as given
+CASE_FLAGS = ('stage', 'dtype', 'height', 'width', 'batch', 'steps')
 
 
 def settings(environ_flags: str):
@@ -42,13 +38,16 @@ def settings(environ_flags: str):
     yield f'--{name}=', xla_flags.with_defaults(off), False
 
 
+def case_flags() -> list:
+  """The flags of this run's case, passed on to step_vs_pytorch."""
+  return [f'--{name}={flags.FLAGS[name].value}' for name in CASE_FLAGS]
+
+
 def run_setting(xla_flags_value: str, torch: bool, output: str) -> dict:
   """step_vs_pytorch's one case under `xla_flags_value`."""
   command = [sys.executable, '-m', 'benchmarks.step_vs_pytorch',
-             f'--stage={_STAGE.value}', f'--dtype={_DTYPE.value}',
-             f'--height={_HEIGHT.value}', f'--width={_WIDTH.value}',
-             f'--batch={_BATCH.value}', f'--steps={_STEPS.value}',
-             f'--output={output}', '--torch' if torch else '--notorch']
+             *case_flags(), f'--output={output}',
+             '--torch' if torch else '--notorch']
   env = {**os.environ, 'XLA_FLAGS': xla_flags_value}
   subprocess.run(command, env=env, check=True,
                  cwd=os.path.dirname(os.path.dirname(__file__)))
@@ -67,8 +66,8 @@ def main(argv):
       if torch:
         torch_s = result['torch']['step_s']
       rows.append((name, value, ours_s, result['ours']['compile_s']))
-  print(f'\n{_STAGE.value} {_DTYPE.value}, {_HEIGHT.value}x{_WIDTH.value}, '
-        f'batch {_BATCH.value}: seconds per step (PyTorch {torch_s:.3f} s)')
+  print(f"\n{' '.join(case_flags())}: seconds per step (PyTorch "
+        f'{torch_s:.3f} s)')
   print(f"{'setting':<48}{'compile s':>10}{'ours s':>9}{'ours/PyTorch':>14}")
   for name, value, ours_s, compile_s in rows:
     print(f'{name:<48}{compile_s:>10.1f}{ours_s:>9.3f}'
@@ -77,4 +76,12 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # defined here, not on import: step_vs_pytorch and other benchmarks
+  # define the same names (the tests import this module beside them)
+  flags.DEFINE_string('stage', 'spcl', 'warmup | spcl | self_training')
+  flags.DEFINE_string('dtype', 'float32', 'float32 | bfloat16')
+  flags.DEFINE_integer('height', 128, 'image height')
+  flags.DEFINE_integer('width', 256, 'image width')
+  flags.DEFINE_integer('batch', 1, 'images per domain per step')
+  flags.DEFINE_integer('steps', 3, 'timed steps')
   app.run(main)
