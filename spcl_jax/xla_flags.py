@@ -20,7 +20,9 @@ transposing copy that a weight gradient reads (349 such copies in the SPCL
 step of DeepLab-v2 ResNet-101: 1.5 s of a 5.9 s step at 128x256 on one
 core; with the flag 0.3 s of 4.5 s). Gradients equal the plain build's
 within float tolerance (the step-parity tests against PyTorch pass either
-way). Measure: `python -m benchmarks.xla_flag_ablation`.
+way). It slows a bfloat16 step on a CPU without bfloat16 instructions (3.75
+-> 4.82 s): turn it off there. Measure: `python -m
+benchmarks.xla_flag_ablation [--dtype=bfloat16]`.
 """
 
 import importlib.metadata

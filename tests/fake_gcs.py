@@ -24,18 +24,15 @@ SIGKILL): no test run leaves it behind.
 """
 
 import atexit
-import ctypes
 import datetime
 import http.client
 import http.server
 import json
 import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -210,12 +207,16 @@ class _TlsProxy:
     self._socket.close()
 
 
-def _die_with_parent():
-  """In the server's process before exec: the kernel sends it SIGTERM when
-  the thread that started it exits (Linux's PR_SET_PDEATHSIG), so a test
-  process killed outright leaves no server behind."""
-  if sys.platform.startswith('linux'):
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+def _dying_with_parent(command: list) -> list:
+  """`command` run so that the kernel sends it SIGTERM when the thread that
+  started it exits (Linux's PR_SET_PDEATHSIG, set by util-linux's `setpriv`
+  before it execs the command): a test process killed outright leaves no
+  server behind. Not a `preexec_fn`: that runs Python in the child of a
+  multithreaded (JAX) process. Without `setpriv`, `stop()` and atexit
+  remain."""
+  setpriv = shutil.which('setpriv')
+  return [setpriv, '--pdeathsig', 'TERM', '--', *command] if setpriv else (
+      command)
 
 
 class FakeGCS:
@@ -232,12 +233,12 @@ class FakeGCS:
       port = _free_port()
       self.url = f'http://127.0.0.1:{port}'
       self._process = subprocess.Popen(
-          [str(fake_gcs_server._get_binary_path()),  # pylint: disable=protected-access
-           '-scheme', 'http', '-host', '127.0.0.1', '-port', str(port),
-           '-backend', 'memory', '-external-url', self.url,
-           '-log-level', 'error'],
-          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-          preexec_fn=_die_with_parent)
+          _dying_with_parent(
+              [str(fake_gcs_server._get_binary_path()),  # pylint: disable=protected-access
+               '-scheme', 'http', '-host', '127.0.0.1', '-port', str(port),
+               '-backend', 'memory', '-external-url', self.url,
+               '-log-level', 'error']),
+          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
       self._wait_until_up(start_timeout_s)
       self._proxy = _TlsProxy(port, self._dir)
     except BaseException:
