@@ -75,7 +75,8 @@ def build_command(dataset: str, data_dir: str) -> str:
                f'--manual_dir FOLDER --data_dir {output}')
   else:
     config_flag = f' --config {config}' if config else ''
-    manual = '' if name == 'sim2real_demo' else ' --manual_dir DOWNLOAD_DIR'
+    manual = ('' if name in builders.BUILT_BY_RUNS   # nothing to download
+              else ' --manual_dir DOWNLOAD_DIR')
     command = (f'python -m data_prep.build --dataset {name}{config_flag} '
                f'--data_dir {output}{manual}')
   return f'{command} && {copy_up_command(name, data_dir)}' if remote else (
