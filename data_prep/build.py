@@ -20,7 +20,7 @@ from absl import logging
 from data_prep import builders
 from data_prep import sim2real_demo
 from spcl_jax import input_pipeline as ip
-from spcl_jax import workdir as workdir_lib
+from spcl_jax import storage
 
 _DATASET = flags.DEFINE_string(
     'dataset', None, f'one of {", ".join(sorted(builders.DATASETS))} '
@@ -92,7 +92,7 @@ def main(argv):
                       'label_suffix': _LABEL_SUFFIX.value}
   elif _NAME.value or _LABEL_MAP.value:
     raise app.UsageError('--name and --label_map are for --dataset folder')
-  if workdir_lib.is_remote(_DATA_DIR.value):   # not a local folder `gs:`
+  if storage.is_remote(_DATA_DIR.value):   # not a local folder `gs:`
     name = _NAME.value or _DATASET.value.partition('/')[0]
     raise app.UsageError(
         f'--data_dir={_DATA_DIR.value}: a build writes local files only '

@@ -44,6 +44,10 @@ def read_state_dict(path: str):
 
 
 def convert(arch: str, src: str, dst: str, overwrite: bool = False) -> None:
+  try:
+    porting.check_local_output(dst)
+  except ValueError as e:
+    raise SystemExit(str(e)) from e
   if os.path.exists(dst) and not overwrite:
     raise SystemExit(f'{dst} exists; pass --overwrite to replace it')
   if not os.path.isfile(src):

@@ -72,6 +72,7 @@ from spcl_jax import labels as label_table
 from spcl_jax import sharding as sharding_lib
 from spcl_jax import spcl
 from spcl_jax import stage_context
+from spcl_jax import storage
 from spcl_jax import trained_model
 from spcl_jax import train
 from spcl_jax import workdir as workdir_lib
@@ -369,7 +370,7 @@ def analyze(workdir: str, output: str | None = None, stages=None,
             tsne_iterations: int = 500) -> tuple[dict, str]:
   """CCD and t-SNE of `stages`' models; returns (the content of ccd.json,
   the output directory). Every check comes before any compute."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = storage.resolve(workdir)
   config = trained_model.read_config(workdir)
   stages = choose_stages(workdir, stages)
   _check_sizes(num_images, pixels_per_class, tsne_points, tsne_iterations)

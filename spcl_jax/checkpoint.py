@@ -6,14 +6,14 @@ iterators, and atomic single-tree outputs (models, prototype banks).
   DIR/<stage>/<output>/              final model / prototype bank
   DIR/<stage>/unreadable_checkpoints/<step>/  checkpoints found unreadable
 Orbax writes every checkpoint under a temporary name and renames it when
-complete, so an interrupted save never looks like a checkpoint; the
-temporary folders of interrupted saves are removed when a manager opens.
-A step written again after a resume (best/<step>, an output) replaces the
+complete (in a `gs://` workdir: in place, and `commit_success.txt` last),
+so an interrupted save never looks like a checkpoint; the temporary
+folders of interrupted saves are removed when a manager opens. A step
+written again after a resume (best/<step>, an output) replaces the
 earlier write instead of colliding with it.
 """
 
 import os
-import shutil
 
 from absl import logging
 import grain
@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from spcl_jax import sharding as sharding_lib
+from spcl_jax import storage
 
 
 def abstract_like(tree, mesh):
@@ -41,7 +42,7 @@ class StageCheckpoints:
     handlers.update({name: grain.checkpoint.CheckpointHandler()
                      for name in self.iterator_names})
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(directory), item_names=tuple(handlers),
+        storage.resolve(directory), item_names=tuple(handlers),
         item_handlers=handlers,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, cleanup_tmp_directories=True))
@@ -127,10 +128,8 @@ def _sync(name: str) -> None:
 def _move_aside(path: str, destination: str) -> None:
   """Moves `path` to `destination` (replacing an earlier one there)."""
   if _is_primary():
-    os.makedirs(os.path.dirname(destination), exist_ok=True)
-    if os.path.exists(destination):
-      shutil.rmtree(destination)
-    os.rename(path, destination)
+    storage.rmtree(destination, missing_ok=True)
+    storage.move_tree(path, destination)
   _sync(f'moved-aside-{destination}')
 
 
@@ -139,7 +138,7 @@ class BestCheckpoint:
 
   def __init__(self, directory: str):
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(directory), item_names=('state',),
+        storage.resolve(directory), item_names=('state',),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, best_fn=lambda metrics: metrics['miou'],
             best_mode='max', create=True, cleanup_tmp_directories=True))
@@ -174,8 +173,18 @@ def save_tree(directory: str, tree) -> None:
   done.json). The tree is written complete at `.<name>.writing` (orbax:
   temporary name, then rename), then swapped in by renames; an interrupted
   write or swap leaves only those names, which `workdir.remove_litter`
-  deletes, never a stuck or half-written `directory`."""
-  final = os.path.abspath(directory)
+  deletes, never a stuck or half-written `directory`. In a bucket, which
+  has no rename, the tree is written in place with orbax's commit file
+  (`commit_success.txt`, written last): an interrupted write leaves a
+  folder without it, which the stage's rerun replaces (the stage is not
+  done before its done.json, written after this)."""
+  final = storage.resolve(directory)
+  if storage.is_remote(final):
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(final, tree, force=True)
+    checkpointer.wait_until_finished()
+    _sync(f'saved-{final}')
+    return
   parent, name = os.path.split(final)
   writing = os.path.join(parent, f'.{name}.writing')
   replaced = os.path.join(parent, f'.{name}.replaced')
@@ -183,15 +192,14 @@ def save_tree(directory: str, tree) -> None:
   checkpointer.save(writing, tree, force=True)   # force: a crash's leftover
   checkpointer.wait_until_finished()
   if _is_primary():
-    if os.path.exists(replaced):
-      shutil.rmtree(replaced)
+    storage.rmtree(replaced, missing_ok=True)
     if os.path.exists(final):
       os.rename(final, replaced)
     os.rename(writing, final)
-    shutil.rmtree(replaced, ignore_errors=True)
+    storage.rmtree(replaced, missing_ok=True)
   _sync(f'saved-{final}')
 
 
 def load_tree(directory: str, abstract):
-  return ocp.StandardCheckpointer().restore(os.path.abspath(directory),
+  return ocp.StandardCheckpointer().restore(storage.resolve(directory),
                                             abstract)

@@ -15,6 +15,7 @@ from spcl_jax.models import layers
 from spcl_jax import pass_stages
 from spcl_jax import stage_context
 from spcl_jax import stage_graph
+from spcl_jax import storage
 from spcl_jax import train
 from spcl_jax import workdir as workdir_lib
 
@@ -229,7 +230,7 @@ def check_datasets(config, workdir: str,
   fields and the splits the dataset has."""
   data = config.data
   data_dir = ip.data_dir_path(data.data_dir)
-  unfinished = tuple(s for s in stages if not os.path.exists(
+  unfinished = tuple(s for s in stages if not storage.exists(
       os.path.join(workdir, s.name, 'done.json')))
   for field, split_field in datasets_read(config, unfinished):
     dataset, split = data[field], data[split_field]
@@ -240,7 +241,7 @@ def check_datasets(config, workdir: str,
                 else None)
       if splits is None:
         raise
-      if workdir_lib.is_remote(data_dir):   # a build writes local files
+      if storage.is_remote(data_dir):   # a build writes local files
         raise ip.DatasetNotBuiltError(
             f'data.data_dir = {data_dir!r}: dataset {dataset!r} is not built '
             'there, and a run builds it into a local data_dir only; build it '
@@ -281,8 +282,7 @@ def _read_workdir_config(path: str) -> dict:
   """DIR/config.json as a dict, or a ConfigMismatchError naming the file
   and what to do when it is not the JSON object our runs write."""
   try:
-    with open(path, encoding='utf-8') as f:
-      previous = json.load(f)
+    previous = json.loads(storage.read_bytes(path))
   except ValueError as e:   # not JSON, not UTF-8
     problem = f'is not JSON ({e})'
   else:
@@ -300,7 +300,7 @@ def check_workdir_config(config, workdir: str,
   """Refuses to resume a workdir written by a different config."""
   path = os.path.join(workdir, 'config.json')
   current = config_to_json(config)
-  if os.path.exists(path):
+  if storage.exists(path):
     previous = _read_workdir_config(path)
     old, new = flatten(previous), flatten(current)
     differing = sorted(

@@ -21,6 +21,7 @@ import logging as py_logging
 from logging import handlers as py_handlers
 import os
 import sys
+import tempfile
 import time
 import traceback as py_traceback
 from typing import Callable, Iterable, Iterator, Sequence
@@ -267,14 +268,72 @@ def log_file_name(process_index: int) -> str:
       f'log.process_{process_index}.txt')
 
 
+class UploadedLogHandler(py_logging.FileHandler):
+  """The log file of a `gs://` workdir. A bucket cannot append to an
+  object, so the records are appended to a local copy (of what the bucket
+  held before, if anything), which is uploaded whole: after a warning or
+  an error, at most `upload_every_s` seconds after a record, and when the
+  handler closes (at exit). A process killed outright (SIGKILL) loses
+  the records since the last upload."""
+
+  def __init__(self, url: str, upload_every_s: float = 30.0):
+    from spcl_jax import storage  # pylint: disable=g-import-not-at-top
+    self._storage = storage
+    self.url = url
+    self.upload_every_s = upload_every_s
+    fd, local = tempfile.mkstemp(prefix='spcl_jax-log-', suffix='.txt')
+    with os.fdopen(fd, 'wb') as f:
+      if storage.exists(url):
+        f.write(storage.read_bytes(url))
+    super().__init__(local, mode='a', encoding='utf-8')
+    self._uploaded_at = time.monotonic()
+    self._uploading = False
+
+  def emit(self, record: py_logging.LogRecord) -> None:
+    super().emit(record)
+    if not self._uploading and (
+        record.levelno >= py_logging.WARNING or
+        time.monotonic() - self._uploaded_at >= self.upload_every_s):
+      self.upload()
+
+  def upload(self) -> None:
+    """Uploads the local copy now (a failure is reported on stderr; the
+    next upload sends everything again)."""
+    self._uploading = True   # the storage layer may log
+    try:
+      self.flush()
+      self._storage.copy_file(self.baseFilename, self.url)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      print(f'warning: cannot upload the log to {self.url}: {e}',
+            file=sys.stderr, flush=True)
+    finally:
+      self._uploaded_at = time.monotonic()
+      self._uploading = False
+
+  def close(self) -> None:
+    local = self.baseFilename
+    try:
+      if self.stream is not None:
+        self.upload()
+    finally:
+      super().close()
+      if os.path.exists(local):
+        os.remove(local)
+
+
 def log_to_file(path: str, logger: py_logging.Logger | None = None
                 ) -> py_logging.Handler:
   """Appends every record of `logger` (default: the root logger, which
   every library's records reach) to `path` in absl's format, flushed
-  record by record; the records buffered since `setup` go first."""
+  record by record; the records buffered since `setup` go first. A `gs://`
+  path: `UploadedLogHandler`."""
+  from spcl_jax import storage  # pylint: disable=g-import-not-at-top
   logger = logger or py_logging.getLogger()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  handler = py_logging.FileHandler(path, mode='a', encoding='utf-8')
+  if storage.is_remote(path):
+    handler = UploadedLogHandler(path)
+  else:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    handler = py_logging.FileHandler(path, mode='a', encoding='utf-8')
   handler.setFormatter(logging.PythonFormatter())
   buffered = _state['buffer']
   if buffered is not None:

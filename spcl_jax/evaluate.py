@@ -38,6 +38,7 @@ from spcl_jax import inference
 from spcl_jax import input_pipeline as ip
 from spcl_jax import labels as label_table
 from spcl_jax import stage_context
+from spcl_jax import storage
 from spcl_jax import tables
 from spcl_jax import trained_model
 from spcl_jax import workdir as workdir_lib
@@ -86,8 +87,8 @@ def evaluate(workdir: str, stage: str | None = None,
   writing metrics.json, table.md and table.csv there. Every check (stage,
   checkpoint, class sets, scales, data, output directory) comes first."""
   if data_dir:
-    workdir_lib.check_readable_path('--data_dir', data_dir)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+    storage.check_supported('--data_dir', data_dir)
+  workdir = storage.resolve(workdir)
   config = trained_model.read_config(workdir)
   stage = trained_model.choose_stage(workdir, stage)
   scales = inference.check_scales(scales)

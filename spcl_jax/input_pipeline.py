@@ -37,6 +37,7 @@ from PIL import Image
 from spcl_jax import console
 from spcl_jax import labels as label_table
 from spcl_jax import sharding as sharding_lib
+from spcl_jax import storage
 from spcl_jax import workdir as workdir_lib
 
 IGNORE_LABEL = 255
@@ -51,7 +52,7 @@ class DatasetNotBuiltError(FileNotFoundError):
 def data_dir_path(data_dir: str) -> str:
   """A data directory as the pipeline reads it: a URL (`gs://bucket/tfds`)
   as it is, a local path with `~` expanded."""
-  if workdir_lib.is_remote(data_dir):
+  if storage.is_remote(data_dir):
     return data_dir
   return os.path.expanduser(data_dir)
 
@@ -67,7 +68,7 @@ def build_command(dataset: str, data_dir: str) -> str:
   """The command that builds `dataset` into `data_dir`; for a remote
   `data_dir`, into LOCAL_DIR and then copied up (`copy_up_command`)."""
   name, _, config = dataset.partition('/')
-  remote = workdir_lib.is_remote(data_dir)
+  remote = storage.is_remote(data_dir)
   output = 'LOCAL_DIR' if remote else data_dir
   from data_prep import builders  # pylint: disable=g-import-not-at-top
   if name not in builders.DATASETS:   # a folder of the user's images
@@ -90,9 +91,7 @@ def dataset_directory(dataset: str, data_dir: str) -> str:
   complete: TFDS renames a build there when it has finished. A local
   `data_dir` is made absolute; a URL (`gs://`) is listed through
   etils.epath and stays a URL."""
-  data_dir = data_dir_path(data_dir)
-  if not workdir_lib.is_remote(data_dir):
-    data_dir = os.path.abspath(data_dir)
+  data_dir = storage.resolve(data_dir_path(data_dir))
   name, _, config = dataset.partition('/')
   where = epath.Path(data_dir, name, *([config] if config else []))
   versions = []
@@ -156,15 +155,20 @@ class PseudoLabelWriter:
   `pseudo_labels-{index:05d}-of-{count:05d}.array_record` (msgpack records
   `{"image_id", "png"}`), plus `.json` with the image ids in record order.
   Both files are written under temporary names and renamed by `close()`, so a
-  reader never sees a half-written shard."""
+  reader never sees a half-written shard. Into a `gs://` directory (the
+  ArrayRecord writer writes local files) they are written in a local
+  temporary folder and uploaded by `close()`, the index last: a shard
+  counts only once its index exists."""
 
   def __init__(self, directory: str, shard_index: int = 0,
                shard_count: int = 1, metadata: dict | None = None):
     from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-    os.makedirs(directory, exist_ok=True)
+    directory = storage.resolve(directory)
+    storage.makedirs(directory)
     stem = f'pseudo_labels-{shard_index:05d}-of-{shard_count:05d}'
     self._final = os.path.join(directory, stem)
-    self._tmp = tempfile.mkdtemp(prefix=f'.{stem}.tmp-', dir=directory)
+    self._tmp = tempfile.mkdtemp(prefix=f'.{stem}.tmp-', dir=(
+        None if storage.is_remote(directory) else directory))
     self._writer = array_record_module.ArrayRecordWriter(
         os.path.join(self._tmp, 'records'), 'group_size:1')
     self._ids: list[str] = []
@@ -185,9 +189,11 @@ class PseudoLabelWriter:
     with open(os.path.join(self._tmp, 'index.json'), 'w') as f:
       json.dump({'image_ids': self._ids, **self._metadata}, f)
     # the index is renamed last: a shard counts only once its index exists
-    os.replace(os.path.join(self._tmp, 'records'),
-               self._final + '.array_record')
-    os.replace(os.path.join(self._tmp, 'index.json'), self._final + '.json')
+    for name, suffix in (('records', '.array_record'), ('index.json', '.json')):
+      if storage.is_remote(self._final):
+        storage.copy_file(os.path.join(self._tmp, name), self._final + suffix)
+      else:
+        os.replace(os.path.join(self._tmp, name), self._final + suffix)
     shutil.rmtree(self._tmp, ignore_errors=True)
 
   def abort(self) -> None:
@@ -217,7 +223,7 @@ class PseudoLabelStore:
   the labels again."""
 
   def __init__(self, directory: str):
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.resolve(directory)
     self._index = self._read_index()
     self._readers = None
 
@@ -250,9 +256,9 @@ class PseudoLabelStore:
       raise self._corrupt(shard, f'{found} records, its index lists {count}')
 
   def _read_index(self) -> dict:
-    if not os.path.isdir(self.directory):
+    if not storage.isdir(self.directory):
       raise FileNotFoundError(f'no pseudo labels at {self.directory}')
-    shards = sorted(f for f in os.listdir(self.directory)
+    shards = sorted(f for f in storage.listdir(self.directory)
                     if f.startswith('pseudo_labels-') and f.endswith('.json'))
     if not shards:
       raise FileNotFoundError(f'no complete pseudo-label shard in '
@@ -260,8 +266,8 @@ class PseudoLabelStore:
     index, counts = {}, set()
     for shard in shards:
       try:
-        with open(os.path.join(self.directory, shard)) as f:
-          meta = json.load(f)
+        meta = json.loads(storage.read_bytes(
+            os.path.join(self.directory, shard)))
         counts.add(meta['shard_count'])
         image_ids = list(meta['image_ids'])
       except (ValueError, KeyError, TypeError) as e:  # not JSON, not ours

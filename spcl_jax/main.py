@@ -17,6 +17,7 @@ adds every library's INFO lines. DIR/log.txt gets the full log
 (spcl_jax/console.py).
 """
 
+import logging as py_logging
 import os
 import sys
 
@@ -34,6 +35,7 @@ from spcl_jax import checkpoint
 from spcl_jax import flag_errors
 from spcl_jax import pipeline
 from spcl_jax import stage_context
+from spcl_jax import storage
 from spcl_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file[:args]',
@@ -69,6 +71,7 @@ def _exit(status: int) -> None:
   logging.info('not waiting for: %s', ', '.join(abandoned),
                extra={console.FILE_ONLY: True})
   logging.flush()
+  py_logging.shutdown()   # closes log.txt (a gs:// workdir's: uploads it)
   sys.stderr.flush()
   if jax.process_count() > 1:
     jax.distributed.shutdown()   # with the other processes, as at exit
@@ -80,9 +83,9 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   console.setup(flags.FLAGS.verbosity)
   try:
-    workdir_lib.check_local_path('--workdir', _WORKDIR.value)
-    workdir_lib.check_readable_path('--config.data.data_dir',
-                                    _CONFIG.value.data.data_dir)
+    storage.check_supported('--workdir', _WORKDIR.value)
+    storage.check_supported('--config.data.data_dir',
+                            _CONFIG.value.data.data_dir)
   except ValueError as e:
     console.report_error(str(e))
     sys.exit(1)
@@ -91,7 +94,8 @@ def main(argv):
   tf.config.set_visible_devices([], 'GPU')
   _initialize_distributed()
   console.log_to_file(os.path.join(
-      _WORKDIR.value, console.log_file_name(jax.process_index())))
+      storage.resolve(_WORKDIR.value),
+      console.log_file_name(jax.process_index())))
   logging.info('process %d of %d, %d devices (%s)', jax.process_index(),
                jax.process_count(), jax.device_count(),
                jax.devices()[0].platform)

@@ -52,6 +52,7 @@ from spcl_jax import reporting
 from spcl_jax import sharding as sharding_lib
 from spcl_jax import stage_context
 from spcl_jax import stage_graph
+from spcl_jax import storage
 from spcl_jax import train_stage
 from spcl_jax import workdir as workdir_lib
 
@@ -96,7 +97,7 @@ def _ensure_demo_data(ctx) -> None:
   directory (`gs://`): `config_checks.check_datasets` has refused a run
   that would read a missing dataset there."""
   data = ctx.config.data
-  if not data.build_if_missing or workdir_lib.is_remote(ctx.data_dir()):
+  if not data.build_if_missing or storage.is_remote(ctx.data_dir()):
     return
   from data_prep import builders  # pylint: disable=g-import-not-at-top
   for dataset in {data.source, data.target}:
@@ -129,7 +130,7 @@ def update_report(ctx, stage_name: str, result: dict,
   if jax.process_index() != 0:
     return
   path = os.path.join(ctx.workdir, 'report.json')
-  report = (workdir_lib.read_json(path) if os.path.exists(path)
+  report = (workdir_lib.read_json(path) if storage.exists(path)
             else {'stages': {}})
   if only_if_missing and stage_name in report['stages']:
     return
@@ -151,9 +152,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     raise ValueError('stages must begin with pipeline.STAGES (the seeds of '
                      'a stage follow its place)')
   validate(config, stages=stages)
-  workdir = os.path.abspath(workdir)
+  workdir = storage.resolve(workdir)
   config_checks.check_datasets(config, workdir, stages)  # before any write
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   config_checks.check_workdir_config(config, workdir, allow_config_change)
   writer = metric_writers.create_default_writer(
       os.path.join(workdir, 'tensorboard'),
@@ -166,7 +167,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   previous = signal.signal(signal.SIGTERM, lambda *_: setattr(
       ctx, 'preempted', True))
   try:
-    if jax.process_index() == 0 and not os.path.exists(
+    if jax.process_index() == 0 and not storage.exists(
         os.path.join(workdir, 'report.json')):
       writer.write_hparams({k: v if isinstance(v, (int, float, str, bool))
                             else str(v)

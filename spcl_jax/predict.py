@@ -42,6 +42,7 @@ from PIL import Image
 from spcl_jax import inference
 from spcl_jax import input_pipeline as ip
 from spcl_jax import labels as label_table
+from spcl_jax import storage
 from spcl_jax import trained_model
 from spcl_jax import visualize
 from spcl_jax import workdir as workdir_lib
@@ -162,7 +163,7 @@ def predict(workdir: str, pattern: str, output: str, stage: str | None = None,
   """Segments the files of `pattern` into `output`; returns (stage, number
   of images written, [(path, reason)] of the files that could not be
   read). Every check comes before the model is loaded."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = storage.resolve(workdir)
   config = trained_model.read_config(workdir)
   stage = trained_model.choose_stage(workdir, stage)
   scales = inference.check_scales(scales)
@@ -201,7 +202,7 @@ def _command(f) -> None:
       f.workdir, f.input, f.output, f.stage, f.checkpoint, f.cityscapes_ids,
       f.flip, trained_model.parse_numbers(f.scales, float, 'scales'))
   print(f'{stage}: segmented {written} images into '
-        f'{os.path.abspath(f.output)}')
+        f'{storage.resolve(f.output)}')
   if failures:
     print(f'error: {len(failures)} files could not be read: '
           + ', '.join(path for path, _ in failures), file=sys.stderr)

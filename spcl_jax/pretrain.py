@@ -29,6 +29,7 @@ from ml_collections import config_flags
 from data_prep import pretrain_render
 from spcl_jax import flag_errors
 from spcl_jax import models
+from spcl_jax import storage
 from spcl_jax import workdir as workdir_lib
 from spcl_jax.models import porting
 
@@ -181,9 +182,9 @@ def write_backbone(output: str, config, backbone, summary) -> None:
 def ensure_pretrained(directory: str, config) -> str:
   """`directory` (user-expanded), pretrained with `config` first if it holds
   no weights yet (`model.pretrain_if_missing`: on the demo's first use)."""
-  directory = os.path.expanduser(directory)
+  directory = storage.resolve(directory)
   metadata_path = os.path.join(directory, porting.METADATA_FILE)
-  if os.path.exists(metadata_path):
+  if storage.exists(metadata_path):
     made_with = workdir_lib.read_json(metadata_path).get('config')
     wanted = json.loads(config.to_json())
     if made_with is not None and made_with != wanted:
@@ -194,11 +195,16 @@ def ensure_pretrained(directory: str, config) -> str:
           f'(fields {", ".join(changed)} differ); delete it to pretrain '
           'again, or point model.pretrained_dir elsewhere')
     return directory
-  if jax.process_count() > 1:
+  if jax.process_count() > 1 or storage.is_remote(directory):
+    where = ('a multi-process run' if jax.process_count() > 1 else
+             'reading them from a bucket')
+    output = 'LOCAL_DIR' if storage.is_remote(directory) else directory
+    copy_up = (f' && gsutil -m cp -r LOCAL_DIR/* {directory}/'
+               if storage.is_remote(directory) else '')
     raise FileNotFoundError(
-        f'{directory} holds no pretrained weights; make them once before a '
-        'multi-process run: python -m spcl_jax.pretrain '
-        f'--config=configs/demo_pretrain.py --output={directory}')
+        f'{directory} holds no pretrained weights; make them once before '
+        f'{where}: python -m spcl_jax.pretrain '
+        f'--config=configs/demo_pretrain.py --output={output}{copy_up}')
   logging.info('pretraining the backbone into %s (first use)', directory)
   backbone, summary = pretrain(config)
   write_backbone(directory, config, backbone, summary)
@@ -209,6 +215,10 @@ def main(argv):
   del argv
   config = flags.FLAGS.config
   output = os.path.expanduser(flags.FLAGS.output)  # `--output=~/...`
+  try:
+    porting.check_local_output(output)   # before minutes of pretraining
+  except ValueError as e:
+    raise SystemExit(f'error: {e}') from e
   backbone, summary = pretrain(config)
   write_backbone(output, config, backbone, summary)
   print(f'pretrained {config.model.name} backbone (base width '

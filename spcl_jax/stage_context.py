@@ -23,6 +23,7 @@ from spcl_jax import input_pipeline as ip
 from spcl_jax import models
 from spcl_jax import spcl
 from spcl_jax import stage_graph
+from spcl_jax import storage
 from spcl_jax import workdir as workdir_lib
 
 
@@ -54,7 +55,7 @@ class Context:
     return self.stage_dir(name, 'done.json')
 
   def is_done(self, name: str) -> bool:
-    return os.path.exists(self.done_path(name))
+    return storage.exists(self.done_path(name))
 
   def data_dir(self) -> str:
     return ip.data_dir_path(self.config.data.data_dir)

@@ -19,6 +19,7 @@ from spcl_jax import input_pipeline as ip
 from spcl_jax import sharding as sharding_lib
 from spcl_jax import stage_context
 from spcl_jax import stage_graph
+from spcl_jax import storage
 from spcl_jax import step_loop
 from spcl_jax import train
 from spcl_jax import workdir as workdir_lib
@@ -168,7 +169,7 @@ def _train_stage(ctx, stage: stage_graph.Stage, opened: list) -> dict:
   watch = step_loop.MetricsWatch(step, sharding_lib.replicated(ctx.mesh))
   in_flight = step_loop.DispatchWindow(config.max_steps_in_flight)
   history_path = ctx.stage_dir(stage.name, 'eval_history.json')
-  history = [h for h in (workdir_lib.read_json(history_path) if os.path.exists(
+  history = [h for h in (workdir_lib.read_json(history_path) if storage.exists(
       history_path) else []) if h['step'] <= step]
   invalid_pixels, result, last_saved = 0, None, latest
   timing = False   # set once this run's first step is done (rate window)

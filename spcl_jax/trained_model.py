@@ -17,6 +17,7 @@ from spcl_jax import console
 from spcl_jax import sharding as sharding_lib
 from spcl_jax import stage_context
 from spcl_jax import stage_graph
+from spcl_jax import storage
 from spcl_jax import train
 from spcl_jax import workdir as workdir_lib
 
@@ -83,7 +84,7 @@ def parse_numbers(values, kind, name: str) -> tuple:
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a pipeline workdir was started with (DIR/config.json)."""
   path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(
         f'{path} does not exist: {workdir} is not a pipeline workdir (python '
         '-m spcl_jax.main --workdir=DIR writes it)')
@@ -100,17 +101,17 @@ def finished_stage_kinds(workdir: str) -> dict[str, str]:
   read from what they saved: 'train' with a `model/`, 'pseudo_labels' with
   `labels/`, else 'prototypes'."""
   def done(name):
-    return os.path.exists(os.path.join(workdir, name, 'done.json'))
+    return storage.exists(os.path.join(workdir, name, 'done.json'))
 
   kinds = {s.name: s.kind for s in stage_graph.STAGES if done(s.name)}
-  extra = sorted(name for name in (os.listdir(workdir) if os.path.isdir(
+  extra = sorted(name for name in (storage.listdir(workdir) if storage.isdir(
       workdir) else []) if name not in stage_graph.STAGE_BY_NAME
                  and done(name))
   for name in extra:
     folder = os.path.join(workdir, name)
     kinds[name] = (
-        'train' if os.path.isdir(os.path.join(folder, 'model')) else
-        'pseudo_labels' if os.path.isdir(os.path.join(folder, 'labels')) else
+        'train' if storage.isdir(os.path.join(folder, 'model')) else
+        'pseudo_labels' if storage.isdir(os.path.join(folder, 'labels')) else
         'prototypes')
   return kinds
 
@@ -152,8 +153,11 @@ def choose_stage(workdir: str, stage: str | None = None) -> str:
 
 def check_output_dir(path: str) -> str:
   """Creates `path` if needed and checks that a file can be written in it
-  (before any compute); returns its absolute path."""
-  path = os.path.abspath(os.path.expanduser(path))
+  (before any compute); returns its absolute path. A `gs://` URL is
+  returned as it is: a bucket's permissions show at the first write."""
+  path = storage.resolve(path)
+  if storage.is_remote(path):
+    return path
   try:
     os.makedirs(path, exist_ok=True)
     with tempfile.TemporaryFile(dir=path):
@@ -173,14 +177,14 @@ def context(config: ml_collections.ConfigDict, workdir: str,
                      f'{CHECKPOINTS}')
   config = ml_collections.ConfigDict(config.to_dict())
   config.chain_model = checkpoint
-  return stage_context.Context(config, os.path.abspath(workdir),
+  return stage_context.Context(config, storage.resolve(workdir),
                                sharding_lib.make_mesh(), writer=None)
 
 
 def model_directory(ctx: stage_context.Context, stage: str) -> str:
   """The saved model `ctx` reads for `stage`, checked to exist."""
   directory = stage_context.model_directory(ctx, stage)
-  if not os.path.isdir(directory):
+  if not storage.isdir(directory):
     raise FileNotFoundError(
         f'the {ctx.config.chain_model} model of stage {stage!r} is missing: '
         f'{directory} does not exist')

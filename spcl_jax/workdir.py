@@ -3,12 +3,15 @@ their removal after a crash, and the deterministic crash hook of the tests.
 
 Every write of the pipeline goes through a temporary name and a rename, so
 a `kill -9` leaves at most a temporary file or folder behind, never a
-half-written output under its final name. `remove_litter` deletes those
-temporaries on the next run; it matches only the names listed in
-`LITTER_PATTERNS` (never a user's file), and only where our writers put
-them (the workdir, its stage folders and their `labels`).
+half-written output under its final name (in a `gs://` workdir, which has
+no rename: one object upload per file, see spcl_jax/storage.py).
+`remove_litter` deletes those temporaries on the next run; it matches only
+the names listed in `LITTER_PATTERNS` (never a user's file), and only
+where our writers put them (the workdir, its stage folders and their
+`labels`).
 """
 
+import io
 import json
 import os
 import re
@@ -20,6 +23,7 @@ from typing import IO, Callable
 from absl import logging
 
 from spcl_jax import console
+from spcl_jax import storage
 
 # Temporary names of our own writers (matched against a file or folder's
 # base name), by where the writers put them:
@@ -49,43 +53,19 @@ LITTER_PATTERNS = {
 TFDS_INCOMPLETE = re.compile(r'incomplete\.[A-Z0-9]{6}_(?P<version>[\w.]+)')
 
 
-def is_remote(path) -> bool:
-  """Whether `path` is a URL (`gs://bucket/dir`, `s3://...`) rather than a
-  local path (a bucket mounted as a file system, gcsfuse or NFS, is local).
-  Never pass a URL to `os.path.abspath` or `os.path.expanduser`: abspath
-  makes `gs://b/d` the local `<cwd>/gs:/b/d`."""
-  return '://' in str(path)
-
-
-def check_local_path(flag: str, path: str) -> None:
-  """Refuses a remote URL (`gs://...`, `s3://...`) for `flag`: the pipeline
-  writes with local file operations (rename for atomic writes), which would
-  turn such a URL into a folder named `gs:` under the current directory.
-  A bucket mounted as a file system (gcsfuse, NFS) is a local path."""
-  if is_remote(path):
-    raise ValueError(
-        f'{flag}={path}: remote URLs are not supported yet; use a local path '
-        'or a file system mounted on every host (e.g. gcsfuse, NFS)')
-
-
-def check_readable_path(flag: str, path: str) -> None:
-  """Refuses a URL other than `gs://...` for `flag`, a directory the
-  pipeline only reads (the data directory): TFDS reads it through
-  etils.epath (TensorFlow's GCS file system) and its ArrayRecord files
-  through array_record's GCS client, which know no other remote storage."""
-  if is_remote(path) and not str(path).startswith('gs://'):
-    raise ValueError(
-        f'{flag}={path}: the only remote storage supported is gs://; use a '
-        'gs:// URL, a local path or a file system mounted on every host '
-        '(e.g. gcsfuse, NFS)')
-
-
 def write_atomically(path: str, write: Callable[[IO], None],
                      binary: bool = False) -> None:
   """Calls `write(file)` on a temporary file `.<name>.tmp-*` in `path`'s
   directory, then renames it to `path`: a reader sees the whole file or
   none (the temporary is removed if `write` fails; one left by a kill is
-  removed by `remove_litter` where our writers put it)."""
+  removed by `remove_litter` where our writers put it). A `gs://` path is
+  written in memory and uploaded as one object, which is atomic itself."""
+  if storage.is_remote(path):
+    buffer = io.BytesIO() if binary else io.StringIO()
+    write(buffer)
+    data = buffer.getvalue()
+    storage.write_object(path, data if binary else data.encode('utf-8'))
+    return
   directory, name = os.path.split(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f'.{name}.tmp-', dir=directory)
@@ -114,13 +94,12 @@ def read_json(path: str):
   """The JSON file `path` (ours: written by `write_json`); one that is not
   JSON is a ValueError naming it (our writes are atomic, so it was edited
   or damaged outside a run)."""
-  with open(path, encoding='utf-8') as f:
-    try:
-      return json.load(f)
-    except ValueError as e:   # not JSON, not UTF-8
-      raise ValueError(f'{path} is not JSON ({e}); it is written by the '
-                       'pipeline: restore it, or delete it (a done.json: '
-                       'the stage is done again) and rerun') from e
+  try:
+    return json.loads(storage.read_bytes(path))
+  except ValueError as e:   # not JSON, not UTF-8
+    raise ValueError(f'{path} is not JSON ({e}); it is written by the '
+                     'pipeline: restore it, or delete it (a done.json: '
+                     'the stage is done again) and rerun') from e
 
 
 def _litter_folders(workdir: str, stage_names):
@@ -133,22 +112,16 @@ def _litter_folders(workdir: str, stage_names):
       yield os.path.join(workdir, where), patterns
 
 
-def _remove(path: str) -> None:
-  if os.path.isdir(path) and not os.path.islink(path):
-    shutil.rmtree(path)
-  else:
-    os.remove(path)
-
-
 def litter_paths(workdir: str, stage_names) -> list[str]:
   """Our temporary files and folders in `workdir` and its stage folders,
   sorted."""
   found = []
   for folder, patterns in _litter_folders(workdir, stage_names):
-    if os.path.isdir(folder):
-      found += [os.path.join(folder, entry) for entry in os.listdir(folder)
+    if storage.isdir(folder):
+      found += [os.path.join(folder, entry) for entry in storage.listdir(folder)
                 if any(p.fullmatch(entry) for p in patterns)]
-  return sorted(os.path.normpath(p) for p in found)
+  return sorted(p if storage.is_remote(p) else os.path.normpath(p)
+                for p in found)
 
 
 def remove_litter(workdir: str, stage_names) -> list[str]:
@@ -157,7 +130,7 @@ def remove_litter(workdir: str, stage_names) -> list[str]:
   removed = litter_paths(workdir, stage_names)
   for path in removed:
     logging.info('removing %s (left by an interrupted run)', path)
-    _remove(path)
+    storage.rmtree(path)
   return removed
 
 

@@ -67,3 +67,15 @@ def smoke_workdir(smoke_reference):
   if result.returncode != 0:
     raise AssertionError(f'exit {result.returncode}\n{result.stderr[-6000:]}')
   return workdir
+
+
+@pytest.fixture(scope='session')
+def fake_gcs_server():
+  """One fake GCS for the session (tests/fake_gcs.py); a module that uses
+  it sets `server.env()` for its own tests only (`gcs_env` fixtures)."""
+  from tests import fake_gcs  # pylint: disable=g-import-not-at-top
+  server = fake_gcs.FakeGCS()
+  try:
+    yield server
+  finally:
+    server.stop()

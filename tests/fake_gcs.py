@@ -181,6 +181,7 @@ class _TlsProxy:
         connection, address = self._socket.accept()
       except OSError:   # closed
         return
+      connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
       threading.Thread(target=self._serve, args=(connection, address),
                        daemon=True).start()
 

@@ -288,15 +288,13 @@ def test_unknown_key_and_wrong_type_fail_before_compiling(tiny_demo,
   assert not (tmp_path / 'warmup').exists()
 
 
-@pytest.mark.parametrize('flag, refusal', [
-    ('--workdir=gs://bucket/run', 'remote URLs are not supported yet'),
-    ('--config.data.data_dir=s3://bucket/tfds',
-     'the only remote storage supported is gs://')])
-def test_remote_urls_are_refused_before_anything_is_written(tmp_path, flag,
-                                                            refusal):
-  """A remote workdir is not supported yet, nor a data directory but a
-  local or gs:// one (tests/test_remote_data_dir.py): a clear error, not a
-  local folder named `gs:`."""
+@pytest.mark.parametrize('flag', ['--workdir=s3://bucket/run',
+                                  '--config.data.data_dir=s3://bucket/tfds'])
+def test_remote_urls_are_refused_before_anything_is_written(tmp_path, flag):
+  """A workdir or a data directory is local or gs:// (tests/
+  test_remote_workdir.py, test_remote_data_dir.py), no other URL: a clear
+  error, not a local folder named `s3:`."""
+  refusal = 'the only remote storage supported is gs://'
   flags = ['--config=' + os.path.join(ROOT, 'configs', 'demo.py') + ':smoke',
            f'--workdir={tmp_path / "w"}', flag]
   result = subprocess.run(

@@ -18,7 +18,6 @@ import pytest
 from configs import demo
 from spcl_jax import config_checks
 from spcl_jax import input_pipeline as ip
-from tests import fake_gcs
 from tests.test_messages import _expect_one_error_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,18 +25,14 @@ BUCKET = 'spcl-tests'
 
 
 @pytest.fixture(scope='module')
-def gcs_env():
-  """The environment of the fake GCS (set in this process while the
-  module's tests run; pass it to subprocesses)."""
-  server = fake_gcs.FakeGCS()
-  try:
-    server.create_bucket(BUCKET)
-    with pytest.MonkeyPatch.context() as patch:
-      for name, value in server.env().items():
-        patch.setenv(name, value)
-      yield server.env()
-  finally:
-    server.stop()
+def gcs_env(fake_gcs_server):
+  """The environment of the session's fake GCS (set in this process while
+  the module's tests run; pass it to subprocesses), with the bucket."""
+  fake_gcs_server.create_bucket(BUCKET)
+  with pytest.MonkeyPatch.context() as patch:
+    for name, value in fake_gcs_server.env().items():
+      patch.setenv(name, value)
+    yield fake_gcs_server.env()
 
 
 def _upload(local_dir: str, url: str) -> None:

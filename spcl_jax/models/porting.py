@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from spcl_jax import storage
 from spcl_jax.models import resnet as resnet_lib
 from spcl_jax.models import vgg as vgg_lib
 
@@ -136,9 +137,21 @@ def port_state_dict(arch: str, state_dict: Mapping[str, np.ndarray]):
   return flax.traverse_util.unflatten_dict(ported)
 
 
+def check_local_output(dst: str) -> None:
+  """Refuses a URL as where weights are written (they are written to a
+  temporary folder and renamed), naming how to put them in a bucket."""
+  if storage.is_remote(dst):
+    raise ValueError(f'{dst}: ported or pretrained weights are written to a '
+                     'local directory; write them there and copy it up: '
+                     f'gsutil -m cp -r LOCAL_DIR/* {dst.rstrip("/")}/')
+
+
 def save_ported(dst: str, arch: str, variables, metadata: dict) -> None:
   """Writes DIR/{metadata.json, weights/} atomically: everything goes to a
-  temporary sibling directory first, renamed onto `dst` only when complete."""
+  temporary sibling directory first, renamed onto `dst` only when complete.
+  Local only: a `gs://` `dst` is refused (write it locally and copy it
+  up; a run reads it from the bucket)."""
+  check_local_output(dst)
   dst = os.path.abspath(os.path.expanduser(dst))
   parent = os.path.dirname(dst)
   os.makedirs(parent, exist_ok=True)
@@ -156,16 +169,16 @@ def save_ported(dst: str, arch: str, variables, metadata: dict) -> None:
 
 
 def restore_ported(directory: str):
-  """(metadata, {"params", "batch_stats"}) of a directory made by the porter."""
-  directory = os.path.abspath(os.path.expanduser(directory))
+  """(metadata, {"params", "batch_stats"}) of a directory made by the porter
+  (local, or copied up to a `gs://` URL)."""
+  directory = storage.resolve(directory)
   meta_path = os.path.join(directory, METADATA_FILE)
-  if not os.path.isfile(meta_path):
+  if not storage.isfile(meta_path):
     raise FileNotFoundError(
         f'{meta_path} not found: {directory} is not a directory written by '
         '`python -m data_prep.port_torchvision --arch ARCH --src FILE.pth '
         '--dst DIR`')
-  with open(meta_path) as f:
-    metadata = json.load(f)
+  metadata = json.loads(storage.read_bytes(meta_path))
   abstract = flax.traverse_util.unflatten_dict(_ported_leaves(
       check_arch_of(metadata, meta_path), metadata.get('base_width', 64)))
   restored = ocp.StandardCheckpointer().restore(
