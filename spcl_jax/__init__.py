@@ -5,3 +5,9 @@ adaptive semantic segmentation, in JAX/Flax."""
 from spcl_jax import xla_flags as _xla_flags  # pylint: disable=g-import-not-at-top
 
 _xla_flags.add_defaults()
+
+# TensorFlow's GCS file system reads its settings when it is first used:
+# before that, make a gs:// workdir's reads see this process's own writes.
+from spcl_jax import storage as _storage  # pylint: disable=g-import-not-at-top
+
+_storage.add_environment_defaults()

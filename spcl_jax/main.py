@@ -84,6 +84,7 @@ def main(argv):
   console.setup(flags.FLAGS.verbosity)
   try:
     storage.check_supported('--workdir', _WORKDIR.value)
+    storage.check_bucket('--workdir', _WORKDIR.value)
     storage.check_supported('--config.data.data_dir',
                             _CONFIG.value.data.data_dir)
   except ValueError as e:

@@ -26,6 +26,24 @@ from etils import epath
 # ArrayRecord (its GCS client) all read and write.
 SUPPORTED_SCHEMES = ('gs://',)
 
+# Settings of TensorFlow's GCS file system (read when it is first used)
+# that `add_environment_defaults` sets unless the user has. Its stat cache
+# (5 s by default) keeps a deleted folder "existing" for that long: a
+# checkpoint step deleted and written again (a best/<step> evaluated
+# again) would collide with its own ghost. A run stats few paths, so
+# without the cache it costs a few requests.
+ENVIRONMENT_DEFAULTS = {'GCS_STAT_CACHE_MAX_AGE': '0'}
+
+
+def add_environment_defaults(environ=None) -> dict:
+  """Sets each `ENVIRONMENT_DEFAULTS` variable absent from `environ`
+  (default `os.environ`); returns those it set."""
+  environ = os.environ if environ is None else environ
+  added = {name: value for name, value in ENVIRONMENT_DEFAULTS.items()
+           if name not in environ}
+  environ.update(added)
+  return added
+
 
 def is_remote(path) -> bool:
   """Whether `path` is a URL (`gs://bucket/dir`, `s3://...`) rather than a
@@ -42,6 +60,26 @@ def check_supported(flag: str, path) -> None:
         f'{flag}={path}: the only remote storage supported is gs://; use a '
         'gs:// URL, a local path or a file system mounted on every host '
         '(e.g. gcsfuse, NFS)')
+
+
+def check_bucket(flag: str, url) -> None:
+  """Refuses a `gs://` URL whose bucket does not exist or cannot be read
+  with these credentials (checked before a run writes anything: a write
+  into a missing bucket fails only after minutes of retries)."""
+  if not is_remote(url):
+    return
+  scheme, _, rest = str(url).partition('://')
+  bucket = f'{scheme}://{rest.split("/")[0]}'
+  try:
+    found = _epath(bucket).exists()
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(f'{flag}={url}: cannot read the bucket {bucket} '
+                     f'({reason})') from e
+  if not found:
+    raise ValueError(f'{flag}={url}: the bucket {bucket} does not exist, or '
+                     'these credentials cannot see it; create it (gsutil mb '
+                     f'{bucket}) or name another')
 
 
 def resolve(path) -> str:

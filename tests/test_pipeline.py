@@ -143,8 +143,8 @@ def _numbers(tree, prefix=''):
   return out
 
 
-@pytest.mark.slow
-def _two_processes(workdir, data_dir, *flags_of_process_0):
+def _two_processes(workdir, data_dir, *flags_of_process_0,
+                   config='configs/demo.py:smoke'):
   """[(exit status, stderr)] of the two processes of one smoke run (stderr
   through files: a full pipe would stall one process in a collective)."""
   with socket.socket() as s:
@@ -153,7 +153,7 @@ def _two_processes(workdir, data_dir, *flags_of_process_0):
   logs = [tempfile.TemporaryFile('w+') for _ in range(2)]
   processes = [subprocess.Popen(
       [sys.executable, '-m', 'spcl_jax.main',
-       '--config=configs/demo.py:smoke', f'--workdir={workdir}',
+       f'--config={config}', f'--workdir={workdir}',
        f'--config.data.data_dir={data_dir}',
        f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
        f'--process_id={i}', *(flags_of_process_0 if i == 0 else ())],

@@ -76,6 +76,48 @@ def test_only_gs_urls_are_supported():
     storage.check_supported('--workdir', 's3://b/w')
 
 
+_GHOST_SCRIPT = """
+import sys
+import spcl_jax
+import tensorflow as tf
+try:   # TF's GCS file system starts before the run's first gs:// write
+  tf.io.gfile.exists('gs://tfds-data/x')   # (as TFDS's lookups start it)
+except tf.errors.OpError:
+  pass
+from spcl_jax import storage, workdir
+folder = sys.argv[1]
+workdir.write_json(folder + '/done.json', {})
+storage.rmtree(folder)
+print('exists after rmtree:', storage.exists(folder))
+"""
+
+
+@pytest.mark.parametrize('stat_cache_max_age, exists', [(None, False),
+                                                        ('5', True)])
+def test_a_deleted_folder_is_gone_at_once(gcs_env, stat_cache_max_age,
+                                          exists):
+  """TensorFlow's GCS stat cache would keep a deleted folder for 5 s
+  (the control: the user's own setting is kept); spcl_jax turns it off."""
+  env = {**os.environ, **gcs_env, 'XLA_FLAGS': ''}
+  env.pop('GCS_STAT_CACHE_MAX_AGE')
+  if stat_cache_max_age is not None:
+    env['GCS_STAT_CACHE_MAX_AGE'] = stat_cache_max_age
+  folder = f'gs://{BUCKET}/ghost/{uuid.uuid4().hex[:12]}'
+  result = subprocess.run([sys.executable, '-c', _GHOST_SCRIPT, folder],
+                          cwd=ROOT, capture_output=True, text=True,
+                          check=False, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'exists after rmtree: {exists}' in result.stdout, result.stdout
+
+
+def test_environment_defaults_keep_the_users_settings():
+  environ = {'GCS_STAT_CACHE_MAX_AGE': '60'}
+  assert storage.add_environment_defaults(environ) == {}
+  assert environ == {'GCS_STAT_CACHE_MAX_AGE': '60'}
+  assert storage.add_environment_defaults({}) == {
+      'GCS_STAT_CACHE_MAX_AGE': '0'}
+
+
 def test_file_operations(root):
   """What a run does to its workdir, on either storage: atomic JSON and
   text writes (no temporary left), reads, listings and deletions."""
@@ -272,6 +314,22 @@ def _main(module, *flags, env):
       text=True, check=False, env={**os.environ, 'XLA_FLAGS': '', **env})
 
 
+def test_a_missing_bucket_is_refused_before_anything_is_written(gcs_env,
+                                                                tiny_demo):
+  """One error line at once (a write into it would fail after minutes of
+  retries), and nothing written anywhere."""
+  from tests.test_messages import _expect_one_error_line  # pylint: disable=g-import-not-at-top
+  result = _main('spcl_jax.main', '--config=configs/demo.py:smoke',
+                 '--workdir=gs://no-such-bucket/runs/w',
+                 f'--config.data.data_dir={tiny_demo}', env=gcs_env)
+  _expect_one_error_line(
+      result, 'error: --workdir=gs://no-such-bucket/runs/w: the bucket '
+      'gs://no-such-bucket does not exist, or these credentials cannot see '
+      'it; create it (gsutil mb gs://no-such-bucket) or name another')
+  assert not storage.exists('gs://no-such-bucket')
+  assert not os.path.exists(os.path.join(ROOT, 'gs:'))
+
+
 @pytest.mark.slow
 def test_smoke_pipeline_in_a_bucket_resumes_to_the_local_result(
     gcs_env, tiny_demo, smoke_workdir, tmp_path):
@@ -320,3 +378,42 @@ def test_smoke_pipeline_in_a_bucket_resumes_to_the_local_result(
   metrics = workdir_lib.read_json(
       f'{workdir}/self_training/evaluation/{outputs[0]}/metrics.json')
   assert metrics['miou'] == ours['self_training']['miou']
+
+
+@pytest.mark.slow
+def test_a_workdir_copied_up_resumes_on_two_processes(gcs_env, tiny_demo,
+                                                      smoke_workdir):
+  """A pod sharing a bucket: the first four stages of the local run copied
+  up (a run moved to a bucket), the last two run on two processes. Each
+  process uploads its own pseudo-label shard and log; the report equals
+  the one-process run's (within float tolerance: cross-device sums are
+  ordered differently)."""
+  from tests import test_pipeline  # pylint: disable=g-import-not-at-top
+  del gcs_env   # set in this process: the two processes inherit it
+  workdir = f'gs://{BUCKET}/two_processes'
+  copied = ['warmup', 'prototypes', 'pseudo_labels', 'spcl', 'config.json']
+  for name in copied:
+    local = smoke_workdir / name
+    files = ([local] if local.is_file() else
+             [p for p in local.rglob('*') if p.is_file()])
+    for path in files:
+      storage.copy_file(path, f'{workdir}/{path.relative_to(smoke_workdir)}')
+  for status, err in test_pipeline._two_processes(workdir, tiny_demo):  # pylint: disable=protected-access
+    assert status == 0, err[-4000:]
+    assert 'spcl: finished earlier, skipped' in err, err[-4000:]
+  assert storage.listdir(f'{workdir}/pseudo_labels_2/labels') == [
+      f'pseudo_labels-0000{i}-of-00002.{kind}'
+      for i in range(2) for kind in ('array_record', 'json')]
+  assert storage.listdir(workdir) == sorted(
+      os.listdir(smoke_workdir) + ['log.process_1.txt'])
+  ours = workdir_lib.read_json(f'{workdir}/report.json')['stages']
+  with open(os.path.join(smoke_workdir, 'report.json'), encoding='utf-8') as f:
+    theirs = json.load(f)['stages']
+  assert list(ours) == list(theirs)
+  for name in ours:
+    a, b = test_pipeline._numbers(ours[name]), test_pipeline._numbers(  # pylint: disable=protected-access
+        theirs[name])
+    assert set(a) == set(b), name
+    for key in a:
+      assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-3,
+                                     nan_ok=True), (name, key)
