@@ -180,8 +180,9 @@ def write_backbone(output: str, config, backbone, summary) -> None:
 
 
 def ensure_pretrained(directory: str, config) -> str:
-  """`directory` (user-expanded), pretrained with `config` first if it holds
-  no weights yet (`model.pretrain_if_missing`: on the demo's first use)."""
+  """`directory` (made absolute; a `gs://` URL as it is), pretrained with
+  `config` first if it holds no weights yet (`model.pretrain_if_missing`:
+  on the demo's first use; never into a bucket)."""
   directory = storage.resolve(directory)
   metadata_path = os.path.join(directory, porting.METADATA_FILE)
   if storage.exists(metadata_path):
