@@ -28,6 +28,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from absl import logging
 
+from spcl_jax import storage
+
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_PACKAGE_DIR)
 # Log records whose source file is under one of these are the project's.
@@ -277,8 +279,6 @@ class UploadedLogHandler(py_logging.FileHandler):
   the records since the last upload."""
 
   def __init__(self, url: str, upload_every_s: float = 30.0):
-    from spcl_jax import storage  # pylint: disable=g-import-not-at-top
-    self._storage = storage
     self.url = url
     self.upload_every_s = upload_every_s
     fd, local = tempfile.mkstemp(prefix='spcl_jax-log-', suffix='.txt')
@@ -302,7 +302,7 @@ class UploadedLogHandler(py_logging.FileHandler):
     self._uploading = True   # the storage layer may log
     try:
       self.flush()
-      self._storage.copy_file(self.baseFilename, self.url)
+      storage.copy_file(self.baseFilename, self.url)
     except Exception as e:  # pylint: disable=broad-exception-caught
       print(f'warning: cannot upload the log to {self.url}: {e}',
             file=sys.stderr, flush=True)
@@ -327,7 +327,6 @@ def log_to_file(path: str, logger: py_logging.Logger | None = None
   every library's records reach) to `path` in absl's format, flushed
   record by record; the records buffered since `setup` go first. A `gs://`
   path: `UploadedLogHandler`."""
-  from spcl_jax import storage  # pylint: disable=g-import-not-at-top
   logger = logger or py_logging.getLogger()
   if storage.is_remote(path):
     handler = UploadedLogHandler(path)

@@ -91,7 +91,7 @@ def dataset_directory(dataset: str, data_dir: str) -> str:
   complete: TFDS renames a build there when it has finished. A local
   `data_dir` is made absolute; a URL (`gs://`) is listed through
   etils.epath and stays a URL."""
-  data_dir = storage.resolve(data_dir_path(data_dir))
+  data_dir = storage.resolve(data_dir)
   name, _, config = dataset.partition('/')
   where = epath.Path(data_dir, name, *([config] if config else []))
   versions = []

@@ -20,8 +20,6 @@ GCS file system, the one TFDS reads with). What differs between the two:
 import os
 import shutil
 
-from etils import epath
-
 # The remote storage that TFDS (etils.epath), orbax (tensorstore) and
 # ArrayRecord (its GCS client) all read and write.
 SUPPORTED_SCHEMES = ('gs://',)
@@ -91,7 +89,11 @@ def resolve(path) -> str:
   return os.path.abspath(os.path.expanduser(path))
 
 
-def _epath(path) -> epath.Path:
+def _epath(path):
+  """etils.epath.Path of a URL; imported here, on the first remote
+  operation: `import spcl_jax` sets `ENVIRONMENT_DEFAULTS` through this
+  module and should not pay for etils.epath."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
   return epath.Path(str(path))
 
 
@@ -202,9 +204,9 @@ def move_tree(source, destination) -> None:
   rmtree(source)
 
 
-def _files_under(root: epath.Path, prefix: str = '') -> list[str]:
-  """The paths (relative to `root`) of the files under the directory
-  `root`, at any depth."""
+def _files_under(root, prefix: str = '') -> list[str]:
+  """The paths (relative to `root`, an etils.epath.Path) of the files
+  under the directory `root`, at any depth."""
   files = []
   for entry in sorted(root.iterdir()):
     name = f'{prefix}{entry.name}'

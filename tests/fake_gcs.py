@@ -24,6 +24,7 @@ SIGKILL): no test run leaves it behind.
 """
 
 import atexit
+import contextlib
 import datetime
 import http.client
 import http.server
@@ -286,6 +287,23 @@ class FakeGCS:
         'TENSORSTORE_GCS_HTTP_URL': self.url,
         'STORAGE_EMULATOR_HOST': self.url,
     }
+
+  @contextlib.contextmanager
+  def environment_with_bucket(self, bucket: str):
+    """Creates `bucket` and sets `env()` in this process until the block
+    ends (the earlier values restored then); yields `env()`, for
+    subprocesses."""
+    self.create_bucket(bucket)
+    saved = {name: os.environ.get(name) for name in self.env()}
+    os.environ.update(self.env())
+    try:
+      yield self.env()
+    finally:
+      for name, value in saved.items():
+        if value is None:
+          os.environ.pop(name, None)
+        else:
+          os.environ[name] = value
 
   def stop(self) -> None:
     if self._proxy is not None:

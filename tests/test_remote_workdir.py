@@ -32,11 +32,8 @@ BUCKET = 'spcl-workdirs'
 def gcs_env(fake_gcs_server):
   """The environment of the session's fake GCS, set in this process while
   the module's tests run (pass it to subprocesses), with the bucket."""
-  fake_gcs_server.create_bucket(BUCKET)
-  with pytest.MonkeyPatch.context() as patch:
-    for name, value in fake_gcs_server.env().items():
-      patch.setenv(name, value)
-    yield fake_gcs_server.env()
+  with fake_gcs_server.environment_with_bucket(BUCKET) as env:
+    yield env
 
 
 @pytest.fixture(params=['local', 'gs'])
