@@ -65,12 +65,13 @@ import numpy as np
 
 from benchmarks import seed_stats
 from configs import default
-from spcl_jax import flag_errors
-from spcl_jax import input_pipeline as ip
-from spcl_jax import labels as label_table
-from spcl_jax import pipeline
-from spcl_jax import stage_graph
-from spcl_jax import workdir as workdir_lib
+from spcl_jax.core import labels as label_table
+from spcl_jax.data import sources
+from spcl_jax.infra import flag_errors
+from spcl_jax.infra import workdir as workdir_lib
+from spcl_jax.run import config_checks
+from spcl_jax.run import pipeline
+from spcl_jax.run import stage_graph
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file[:args]',
                                           lock_config=True)
@@ -85,7 +86,7 @@ _EXTRA = flags.DEFINE_multi_string(
     'tau_10=spcl_stage:stages.spcl.temperature=10.0')
 
 TRAIN_STAGES = ('warmup', 'spcl', 'self_training')
-ALL_STAGES = tuple(s.name for s in pipeline.STAGES)
+ALL_STAGES = tuple(s.name for s in stage_graph.STAGES)
 THROUGH_SPCL = ALL_STAGES[:ALL_STAGES.index('spcl') + 1]
 
 
@@ -256,7 +257,7 @@ def stage_key(config, stage_name: str) -> str:
   """Identity of a stage's output: the seed, everything outside `stages`
   that can change it, its own stage config and its inputs' keys."""
   stage = stage_graph.STAGE_BY_NAME[stage_name]
-  flat = pipeline.config_to_json(config)
+  flat = config_checks.config_to_json(config)
   identity = {
       'seed': flat['seed'],
       **{k: flat[k] for k in ('model', 'discriminator', 'data', 'evaluation')},
@@ -285,7 +286,7 @@ def check_rows(base, rows: list[Row], seeds: int) -> dict:
     for seed in range(seeds):
       try:
         config = row_config(base, row, seed)
-        pipeline.validate(config)
+        config_checks.validate(config)
       except ValueError as e:
         problems.append(str(e) if str(e).startswith('row ') else
                         f'row {row.name!r}: {e}')
@@ -318,7 +319,7 @@ def _check_data(configs: dict) -> list[str]:
     if config.data.build_if_missing and dataset.startswith('sim2real_demo'):
       continue  # the pipeline builds it
     try:
-      ip.open_source(dataset, split, os.path.expanduser(config.data.data_dir))
+      sources.open_source(dataset, split, os.path.expanduser(config.data.data_dir))
     except (FileNotFoundError, ValueError) as e:
       problems.append(f'rows {names} read {dataset} {split}: {e}')
   return problems
@@ -386,7 +387,7 @@ def summarize(rows: list[Row], results: dict, steps: dict) -> dict:
       if other and other in table and other != name:
         n = min(len(entry['mious']), len(table[other]['mious']))
         entry[key] = seed_stats.paired_difference(entry['mious'][:n],
-                                       table[other]['mious'][:n])
+                                                  table[other]['mious'][:n])
   if 'source_only' in table and 'oracle' in table:
     gap = table['oracle']['miou_mean'] - table['source_only']['miou_mean']
     for entry in table.values():
@@ -504,7 +505,7 @@ def run_ablation(base, workdir: str, seeds: int, rows: list[Row],
       workdir_lib.write_json(timing_path, {'seconds': meta['wall_time_s']})
       table = summarize(rows, results, steps)
       workdir_lib.write_json(os.path.join(workdir, 'ablation.json'),
-                          {'rows': table, **meta}, sort_keys=False)
+                             {'rows': table, **meta}, sort_keys=False)
       with open(os.path.join(workdir, 'ablation.md.tmp'), 'w') as f:
         f.write(markdown(table, meta))
       os.replace(os.path.join(workdir, 'ablation.md.tmp'),

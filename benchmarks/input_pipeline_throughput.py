@@ -7,7 +7,7 @@ sizes, beside what a GPU step consumes.
 needs no dataset: it encodes synthetic records of the real datasets' sizes
 and format (PNG image and label, serialised with the builders' TFDS
 features and decoded as `tfds.data_source` decodes them) and times, in one
-thread, decode + the recipe's transforms (`input_pipeline.transforms_of`) of
+thread, decode + the recipe's transforms (`loaders.transforms_of`) of
 each stream:
 
   warm-up source   GTA5 1914x1052 resized to 1280x720, colour jitter
@@ -17,7 +17,7 @@ each stream:
 
 in images/s per CPU core (thread CPU time, so other load on the machine
 hardly matters), the colour-jittered streams once per jitter implementation
-(`input_pipeline.COLOR_JITTERS`: the float HSV one the demo keeps and the
+(`transforms.COLOR_JITTERS`: the float HSV one the demo keeps and the
 released PIL one, the recipes' `data.color_jitter_implementation`), beside the images/s a GPU step consumes (4 + 4 images per warm-up /
 SPCL step, 8 per self-training step, 8 per evaluation batch, over the
 assumed step times; measure them with `benchmarks.step_vs_pytorch`), their
@@ -33,6 +33,17 @@ With `--data_dir`, it reads a built dataset instead, as before: the rate for
 
   python -m benchmarks.input_pipeline_throughput --data_dir /tmp/tfds \
       --dataset sim2real_demo/default --split source_train
+
+With `--memory`, the host memory of the recipe's training streams over
+GTA5 and Cityscapes built at their real sizes (`--data_dir`, or
+`--fake_data_root=DIR` to make fake downloads there and build them):
+images/s and the peak RSS per grain worker and of the loader with its
+workers, with grain's default read-ahead and with the config's
+(`data.read_threads`, `data.read_ahead`), and what a worker holds before it
+reads (its imports):
+
+  python -m benchmarks.input_pipeline_throughput --memory \
+      --fake_data_root=/tmp/recipe_fake [--memory_workers=4]
 """
 
 import dataclasses
@@ -44,7 +55,10 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
-from spcl_jax import input_pipeline as ip
+from spcl_jax.data import global_batches
+from spcl_jax.data import loaders
+from spcl_jax.data import transforms
+from spcl_jax.infra import process_tree
 
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data directory (a '
                                 'built dataset); without: synthetic records '
@@ -64,6 +78,18 @@ _STEP_SECONDS = flags.DEFINE_float('step_seconds', 0.1, 'synthetic: seconds '
                                    'of a GPU training step (assumed)')
 _EVAL_IMAGES = flags.DEFINE_integer(
     'eval_images', 32, 'synthetic: images of the timed evaluation passes')
+_MEMORY = flags.DEFINE_bool(
+    'memory', False, 'host memory of the training loaders at the recipe '
+    'sizes (needs --data_dir with gta5 and spcl_cityscapes built, or '
+    '--fake_data_root to make them)')
+_FAKE_ROOT = flags.DEFINE_string(
+    'fake_data_root', None, '--memory: make fake GTA5 / Cityscapes '
+    'downloads at their real sizes here and build them (data_prep.'
+    'fake_downloads), unless already there')
+_MEMORY_WORKERS = flags.DEFINE_integer('memory_workers', 4, '--memory: '
+                                       'grain workers per stream (recipe: 4)')
+_MEMORY_BATCHES = flags.DEFINE_integer('memory_batches', 12, '--memory: '
+                                       'batches read per stream and setting')
 _EVAL_STEP_SECONDS = flags.DEFINE_float(
     'eval_step_seconds', 0.035, 'synthetic: seconds of a GPU evaluation '
     'batch of 8 (forward only; assumed)')
@@ -155,7 +181,7 @@ class SyntheticSource:
 def with_jitter(ops: list, implementation: str) -> list:
   """`ops` with every ColorJitter using `implementation`."""
   return [dataclasses.replace(op, implementation=implementation)
-          if isinstance(op, ip.ColorJitter) else op for op in ops]
+          if isinstance(op, transforms.ColorJitter) else op for op in ops]
 
 
 def apply(ops: list, element: dict, seed: int) -> dict:
@@ -180,7 +206,7 @@ def jitter_milliseconds(implementation: str, size, repeats: int = 5) -> float:
   """Median CPU ms of one colour jitter of a synthetic image of `size`."""
   rng = np.random.default_rng(0)
   image = synthetic_image(rng, synthetic_label(rng, size))
-  jitter = ip.COLOR_JITTERS[implementation]
+  jitter = transforms.COLOR_JITTERS[implementation]
   times = []
   for seed in range(repeats + 1):
     start = time.thread_time()
@@ -189,10 +215,10 @@ def jitter_milliseconds(implementation: str, size, repeats: int = 5) -> float:
   return 1e3 * float(np.median(times[1:]))
 
 
-def eval_pass_rate(source, spec: ip.PipelineSpec, threads: int) -> float:
+def eval_pass_rate(source, spec: loaders.PipelineSpec, threads: int) -> float:
   """Wall-clock images/s of one `eval_batches` pass over `source`."""
   start = time.perf_counter()
-  for _ in ip.eval_batches(spec, source, 0, 1, threads=threads):
+  for _ in loaders.eval_batches(spec, source, 0, 1, threads=threads):
     pass
   return len(source) / (time.perf_counter() - start)
 
@@ -212,9 +238,9 @@ def recipe_mode() -> None:
         '.\n')
   print('colour jitter (0.5, 0.5, 0.5, 0.2), ms per image (CPU):')
   print(f'  {"size":>10} ' + ' '.join(f'{name:>9}' for name in
-                                      ip.COLOR_JITTERS) + '    speed-up')
+                                      transforms.COLOR_JITTERS) + '    speed-up')
   for size in ((720, 1280), CITYSCAPES_SIZE):
-    ms = {name: jitter_milliseconds(name, size) for name in ip.COLOR_JITTERS}
+    ms = {name: jitter_milliseconds(name, size) for name in transforms.COLOR_JITTERS}
     print(f'  {size[1]:>5}x{size[0]:<4} ' + ' '.join(
         f'{v:9.1f}' for v in ms.values()) +
           f'    x{ms["float"] / ms["released"]:.1f}')
@@ -228,12 +254,12 @@ def recipe_mode() -> None:
       sources[stream.record_size] = SyntheticSource(stream.record_size,
                                                     images)
     source = sources[stream.record_size]
-    spec = ip.PipelineSpec('synthetic', 'train', '', 8, **stream.spec)
-    ops = ip.transforms_of(spec)
+    spec = loaders.PipelineSpec('synthetic', 'train', '', 8, **stream.spec)
+    ops = loaders.transforms_of(spec)
     consumed = stream.images_per_step / (
         _EVAL_STEP_SECONDS.value if stream.evaluation
         else _STEP_SECONDS.value)
-    variants = (ip.COLOR_JITTERS if stream.spec.get('color_jitter')
+    variants = (transforms.COLOR_JITTERS if stream.spec.get('color_jitter')
                 else ('',))
     for implementation in variants:
       rate = per_core_rate(source, with_jitter(ops, implementation or
@@ -268,9 +294,9 @@ def dataset_mode() -> None:
     if _MODE.value == 'self_training':
       kw = dict(size=None, color_jitter=JITTER, scale_range=(0.5, 1.5),
                 crop=tuple(int(v) for v in _CROP.value), flip=True)
-    spec = ip.PipelineSpec(_DATASET.value, _SPLIT.value, _DATA_DIR.value,
-                           _BATCH.value, worker_count=workers, **kw)
-    iterator = iter(ip.train_loader(spec))
+    spec = loaders.PipelineSpec(_DATASET.value, _SPLIT.value, _DATA_DIR.value,
+                                _BATCH.value, worker_count=workers, **kw)
+    iterator = iter(loaders.train_loader(spec))
     for _ in range(3):  # start-up of the workers is not throughput
       next(iterator)
     start = time.perf_counter()
@@ -286,9 +312,120 @@ def dataset_mode() -> None:
     print(f'  workers={workers}: {rate:8.1f} images/s   x{rate / base:.2f}')
 
 
+# ---------------------------------------------------------- host memory --
+
+# The recipe's training streams at their sizes, one host's global batch:
+# (name, dataset, PipelineSpec fields, batch)
+MEMORY_STREAMS = (
+    ('warm-up source 1914x1052 -> 1280x720, jitter', 'gta5',
+     dict(size=(720, 1280), color_jitter=JITTER), 4),
+    ('warm-up target 2048x1024 -> 1024x512', 'spcl_cityscapes',
+     dict(size=(512, 1024)), 4),
+    ('self-training 2048x1024, scale, crop 512x1024, flip, jitter',
+     'spcl_cityscapes', dict(scale_range=(0.5, 1.5), crop=(512, 1024),
+                             flip=True, color_jitter=JITTER), 8),
+)
+
+
+def _workers() -> list[int]:
+  """This process's grain worker processes (multiprocessing spawn)."""
+  return [pid for pid in process_tree.children(os.getpid())
+          if b'spawn_main' in process_tree.command_line(pid)]
+
+
+def _imports_rss(queue) -> None:   # in a spawned process
+  from spcl_jax.data import loaders as worker_loaders  # pylint: disable=g-import-not-at-top,reimported
+  del worker_loaders
+  import resource  # pylint: disable=g-import-not-at-top
+  queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def worker_imports_rss() -> int:
+  """Peak RSS of a spawned process that imports what a worker imports
+  before it reads (this module as `__mp_main__`, the pipeline's modules)."""
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  context = multiprocessing.get_context('spawn')
+  queue = context.Queue()
+  process = context.Process(target=_imports_rss, args=(queue,))
+  process.start()
+  rss = queue.get(timeout=300)
+  process.join()
+  return rss
+
+
+def stream_memory(spec: loaders.PipelineSpec, batches: int) -> dict:
+  """images/s and the peak RSS of each worker and of the whole tree while
+  `batches` batches of a training loader are read."""
+  import threading  # pylint: disable=g-import-not-at-top
+  peaks, stop = {'worker': 0, 'total': 0}, threading.Event()
+
+  def sample():
+    while not stop.is_set():
+      workers = [process_tree.rss(pid) for pid in _workers()]
+      peaks['worker'] = max([peaks['worker'], *workers])
+      peaks['total'] = max(peaks['total'],
+                         process_tree.rss(os.getpid()) + sum(workers))
+      stop.wait(0.2)
+
+  sampler = threading.Thread(target=sample, daemon=True)
+  sampler.start()
+  # GlobalBatchIterator.close() stops the workers (grain's iterator has no
+  # close()); the batches stay on the host (no mesh)
+  iterator = global_batches.GlobalBatchIterator(loaders.train_loader(spec),
+                                                mesh=None)
+  local = iterator.local_iterator
+  read = lambda: global_batches.copy_out_of_shared_memory(next(local))
+  read()   # the workers' start-up is not throughput
+  start = time.perf_counter()
+  for _ in range(batches):
+    read()
+  seconds = time.perf_counter() - start
+  iterator.close()
+  stop.set()
+  sampler.join()
+  return {'rate': batches * spec.global_batch_size / seconds, **peaks}
+
+
+def memory_mode() -> None:
+  """The recipe's training streams over a built dataset at the real sizes,
+  with grain's default read-ahead and with the config's (`data.read_threads`,
+  `data.read_ahead`): images/s and the peak RSS per worker and in total."""
+  from configs import default as default_config  # pylint: disable=g-import-not-at-top
+  data_dir = _DATA_DIR.value
+  if _FAKE_ROOT.value:
+    from data_prep import fake_downloads  # pylint: disable=g-import-not-at-top
+    data_dir = fake_downloads.built_fake_recipe_data(_FAKE_ROOT.value)
+  data = default_config.get_config().data
+  settings = {'grain default (16 threads, 500 ahead)': (16, 500),
+              f'config default ({data.read_threads} threads, '
+              f'{data.read_ahead} ahead)': (data.read_threads,
+                                            data.read_ahead)}
+  gib = 2 ** 30
+  print(f'Training loaders at the recipe sizes ({data_dir}): '
+        f'{_MEMORY_WORKERS.value} grain workers per stream, '
+        f'{_MEMORY_BATCHES.value} batches read, on {os.cpu_count()} cores.\n'
+        f'A worker before it reads (imports): '
+        f'{worker_imports_rss() / gib:.2f} GiB\n')
+  print('| stream | setting | images/s | peak RSS per worker | '
+        'peak RSS, loader + workers |\n|---|---|---:|---:|---:|')
+  for name, dataset, fields, batch in MEMORY_STREAMS:
+    for setting, (threads, ahead) in settings.items():
+      spec = loaders.PipelineSpec(
+          dataset, 'train', data_dir, batch,
+          worker_count=_MEMORY_WORKERS.value, read_threads=threads,
+          read_ahead=ahead, color_jitter_implementation='released',
+          **fields)
+      result = stream_memory(spec, _MEMORY_BATCHES.value)
+      print(f'| {name} | {setting} | {result["rate"]:.1f} | '
+            f'{result["worker"] / gib:.2f} GiB | '
+            f'{result["total"] / gib:.2f} GiB |', flush=True)
+
+
 def main(argv):
   del argv
-  if _DATA_DIR.value:
+  if _MEMORY.value:
+    memory_mode()
+  elif _DATA_DIR.value:
     dataset_mode()
   else:
     recipe_mode()

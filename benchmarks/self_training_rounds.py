@@ -1,5 +1,5 @@
 r"""Later self-training rounds (CBST's re-labelling) on top of the pipeline,
-against their equal-step control, over several seeds (RESULTS.md §4, "A
+against their equal-step control, over several seeds (docs/research_log.md §4, "A
 second self-training round does not help").
 
   python -m benchmarks.self_training_rounds --config=configs/demo.py \
@@ -31,9 +31,11 @@ import ml_collections
 from ml_collections import config_flags
 
 from benchmarks import seed_stats
-from spcl_jax import flag_errors
-from spcl_jax import pipeline
-from spcl_jax import workdir as workdir_lib
+from spcl_jax.infra import flag_errors
+from spcl_jax.infra import workdir as workdir_lib
+from spcl_jax.run import config_checks
+from spcl_jax.run import pipeline
+from spcl_jax.run import stage_graph
 
 ROUND1 = 'self_training'
 CONTROL = 'self_training_more_steps'
@@ -54,18 +56,18 @@ def round2_stage(quantile: float) -> str:
 
 
 def extra_stages(quantiles) -> tuple:
-  """The stages after `pipeline.STAGES`: per quantile a pseudo-label pass of
+  """The stages after `stage_graph.STAGES`: per quantile a pseudo-label pass of
   the self-trained model and a self-training stage that reads it; and the
   control, self-training again on round 1's labels."""
   stages = []
   for quantile in quantiles:
     labels = labels_stage(quantile)
     stages += [
-        pipeline.Stage(labels, 'pseudo_labels', model_from=ROUND1),
-        pipeline.Stage(round2_stage(quantile), 'train',
+        stage_graph.Stage(labels, 'pseudo_labels', model_from=ROUND1),
+        stage_graph.Stage(round2_stage(quantile), 'train',
                        step='self_training', model_from=ROUND1,
                        pseudo_labels_from=labels)]
-  stages.append(pipeline.Stage(
+  stages.append(stage_graph.Stage(
       CONTROL, 'train', step='self_training',
       model_from=ROUND1, pseudo_labels_from='pseudo_labels_2'))
   return tuple(stages)
@@ -102,14 +104,14 @@ def seed_config(base, quantiles, seed: int) -> ml_collections.ConfigDict:
       labels = config.stages[labels_stage(quantile)]
       labels.threshold_quantile, labels.threshold_cap = quantile, 1.0
     config.stages_to_run = tuple(
-        s.name for s in pipeline.STAGES + stages)
+        s.name for s in stage_graph.STAGES + stages)
   return config
 
 
 def run_seed(config, quantiles, workdir: str) -> dict:
   """{stage name: mIoU} of round 1 and the extra rows, and round 2's label
   statistics, for one seed."""
-  stages = pipeline.STAGES + extra_stages(quantiles)
+  stages = stage_graph.STAGES + extra_stages(quantiles)
   results = pipeline.run(config, workdir, stages=stages)
   scored = {s.name: results[s.name] for s in stages if s.kind == 'train'}
   labels = {s.name: {k: results[s.name].get(k) for k in (
@@ -154,9 +156,9 @@ def run_rounds(base, workdir: str, seeds: int, quantiles) -> dict:
   if seeds < 1:
     raise ValueError(f'--seeds={seeds}: need at least 1')
   configs = [seed_config(base, quantiles, k) for k in range(seeds)]
-  stages = pipeline.STAGES + extra_stages(quantiles)
+  stages = stage_graph.STAGES + extra_stages(quantiles)
   for config in configs:   # every seed's config, before any training
-    pipeline.validate(config, stages=stages)
+    config_checks.validate(config, stages=stages)
   per_seed = [run_seed(config, quantiles,
                        os.path.join(workdir, f'seed_{k}'))
               for k, config in enumerate(configs)]

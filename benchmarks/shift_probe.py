@@ -26,13 +26,15 @@ import numpy as np
 
 from data_prep import sim2real_demo
 from data_prep import sim2real_render as render_lib
-from spcl_jax import evaluation
-from spcl_jax import flag_errors
-from spcl_jax import input_pipeline as ip
-from spcl_jax import labels as label_table
-from spcl_jax import sharding
-from spcl_jax import stage_context
-from spcl_jax import train
+from spcl_jax.core import labels as label_table
+from spcl_jax.core import mesh as mesh_lib
+from spcl_jax.core import metrics
+from spcl_jax.core import pass_steps
+from spcl_jax.data import resize
+from spcl_jax.data import transforms
+from spcl_jax.infra import flag_errors
+from spcl_jax.models import from_config
+from spcl_jax.run import stage_outputs
 
 
 def _define_flags():
@@ -108,9 +110,9 @@ def probe(config, variables, variants, num_images: int,
   if num_images > demo.counts['target_val']:
     raise ValueError(f'--num_images={num_images}: target_val has '
                      f'{demo.counts["target_val"]} scenes')
-  model = train.model_for_stage(config, False)
-  eval_step = jax.jit(train.make_eval_step(model))
-  normalize = ip.Normalize(tuple(config.data.mean), tuple(config.data.std))
+  model = from_config.model_for_stage(config, False)
+  eval_step = jax.jit(pass_steps.make_eval_step(model))
+  normalize = transforms.Normalize(tuple(config.data.mean), tuple(config.data.std))
   results = {}
   for name in variants:
     style = variant_style(name)
@@ -118,11 +120,11 @@ def probe(config, variables, variants, num_images: int,
     for start in range(0, num_images, batch_size):
       images, labels = render_val(
           demo, style, range(start, min(num_images, start + batch_size)))
-      resized = np.stack([ip.resize_image(image, config.data.eval_size)
+      resized = np.stack([resize.resize_image(image, config.data.eval_size)
                           for image in images])
       batch = normalize.map({'image': resized, 'label': labels})
       confusion += np.asarray(eval_step(variables, batch))
-    summary = evaluation.summarize(confusion, config.evaluation.class_sets[0])
+    summary = metrics.summarize(confusion, config.evaluation.class_sets[0])
     sink_class, sink_share = sink(confusion)
     results[name] = {'miou': summary['miou'],
                      'per_class_iou': summary['per_class_iou'],
@@ -150,9 +152,9 @@ def main(argv):
     variants = args.variants or list(VARIANTS)
     for name in variants:
       variant_style(name)
-    model = train.model_for_stage(args.config, False)
-    variables = stage_context.load_variables(
-        args.model_dir, model, sharding.make_mesh(jax.devices()))
+    model = from_config.model_for_stage(args.config, False)
+    variables = stage_outputs.load_variables(
+        args.model_dir, model, mesh_lib.make_mesh(jax.devices()))
     results = probe(args.config, variables, variants, args.num_images)
   except (ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)

@@ -25,7 +25,7 @@ import time
 from absl import app
 from absl import flags
 
-from spcl_jax import stage_graph
+from spcl_jax.run import stage_graph
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = 'configs/demo.py:smoke'

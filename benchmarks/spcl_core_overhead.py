@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spcl_jax.core import spcl
 from spcl_jax import models
-from spcl_jax import spcl
 
 _MODEL = flags.DEFINE_string('model', 'deeplabv2_resnet18', 'model name')
 _BASE_WIDTH = flags.DEFINE_integer('base_width', 16, 'ResNet stem width')

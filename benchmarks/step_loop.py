@@ -77,8 +77,8 @@ def _config(data_dir, overrides):
 
 def _timed_run(config, workdir):
   """steps/s over the steps after the first (TrainProgress's window)."""
-  from spcl_jax import console  # pylint: disable=g-import-not-at-top
-  from spcl_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from spcl_jax.infra import console  # pylint: disable=g-import-not-at-top
+  from spcl_jax.run import pipeline  # pylint: disable=g-import-not-at-top
   rates = []
   log = console.TrainProgress.log
 

@@ -12,7 +12,7 @@ side in one process, with random weights and random inputs.
   python -m benchmarks.step_vs_pytorch --stage=self_training --height=512 \
       --width=1024 --batch=8
 
-Ours: the step the pipeline jits (`train.make_warmup_step`,
+Ours: the step the pipeline jits (`train_steps.make_warmup_step`,
 `make_spcl_step`, `make_self_training_step`; `jax.jit(step,
 donate_argnums=0)`, compiled by `benchmarks.memory.compile_step`) on
 DeepLab-v2 (`--model`) with the config's recipe (`--config`, default
@@ -62,18 +62,21 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
+from ml_collections import config_flags
 import numpy as np
 import torch
 import torchvision
 
-from benchmarks import memory  # defines --config (shared with it)
+from benchmarks import memory
+from benchmarks import torch_reference as ref
 from configs import gta5
+from spcl_jax.core import spcl
+from spcl_jax.core import train_state
 from spcl_jax import models
-from spcl_jax import spcl
-from spcl_jax import train
-from tests import torch_reference as ref
+from spcl_jax.models import from_config
+from spcl_jax.run import stage_graph
 
-STAGES = train.TRAINING_STAGES
+STAGES = stage_graph.TRAINING_STAGES
 DTYPES = ('float32', 'bfloat16')
 # DeepLab-v2 backbones with a torchvision counterpart.
 TORCH_RESNETS = {'deeplabv2_resnet101': 101, 'deeplabv2_resnet50': 50,
@@ -160,27 +163,27 @@ def images_per_step(batches) -> int:
 
 # ------------------------------------------------------------------ ours --
 
-def initial_state(config, stage_name: str, seed: int) -> train.TrainState:
+def initial_state(config, stage_name: str, seed: int) -> train_state.TrainState:
   """Random variables (the model's initialisers), fresh optimiser states,
   a random unit-norm prototype bank; the discriminator in the warm-up."""
   cfg = config.stages[stage_name]
-  model = train.model_for_stage(config, cfg.bn_trainable)
+  model = from_config.model_for_stage(config, cfg.bn_trainable)
   rng = jax.random.PRNGKey(seed)
   variables = models.init_variables(model, rng)
-  tx = train.segmenter_optimizer(cfg, variables['params'],
-                                 variables['batch_stats'])
+  tx = train_state.segmenter_optimizer(cfg, variables['params'],
+                                       variables['batch_stats'])
   num_classes = config.model.num_classes
   d_tx = disc_params = None
   if stage_name == 'warmup' and cfg.adversarial_weight > 0:
-    d_tx = train.discriminator_optimizer(cfg)
-    disc_params = train.discriminator_for(config).init(
+    d_tx = train_state.discriminator_optimizer(cfg)
+    disc_params = from_config.discriminator_for(config).init(
         rng, jnp.zeros((1, 64, 64, num_classes)))
   bank = spcl.PrototypeBank(
       spcl.l2_normalize(jax.random.normal(
           rng, (num_classes, model.backbone.num_features))),
       jnp.zeros((num_classes,), jnp.int32))
-  return train.new_train_state(variables, tx, rng, prototype_bank=bank,
-                               disc_params=disc_params, d_tx=d_tx)
+  return train_state.new_train_state(variables, tx, rng, prototype_bank=bank,
+                                     disc_params=disc_params, d_tx=d_tx)
 
 
 def _device_peak_bytes(device):
@@ -616,4 +619,9 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # defined here, not on import: benchmarks.memory, which this imports,
+  # defines its own --config when it runs
+  config_flags.DEFINE_config_file('config', None, 'config file[:args] '
+                                  '(default: configs/gta5.py)',
+                                  lock_config=True)
   app.run(main)

@@ -22,7 +22,7 @@ import tempfile
 from absl import app
 from absl import flags
 
-from spcl_jax import xla_flags
+from spcl_jax.infra import xla_flags
 
 # step_vs_pytorch's flags that make the case, passed on as given
 CASE_FLAGS = ('stage', 'dtype', 'height', 'width', 'batch', 'steps')

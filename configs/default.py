@@ -13,10 +13,12 @@ Sizes are (height, width). Step counts: `steps` is where a stage stops,
 
 import ml_collections
 
-# The pipeline's stages, in order (spcl_jax.stage_graph.STAGES holds their
-# wiring).
-STAGE_NAMES = ('warmup', 'prototypes', 'pseudo_labels', 'spcl',
-               'pseudo_labels_2', 'self_training')
+from spcl_jax.run import released as released_lib
+from spcl_jax.run import stage_graph
+
+# The pipeline's stages, in order (spcl_jax.run.stage_graph.STAGES holds
+# their wiring).
+STAGE_NAMES = tuple(stage.name for stage in stage_graph.STAGES)
 
 
 def _sgd(lr, steps, schedule_steps):
@@ -32,7 +34,8 @@ def _sgd(lr, steps, schedule_steps):
       # (each 1/k of every per-device batch; k must divide them) and applies
       # one update. With frozen BatchNorm the update equals k = 1's; with
       # trainable BatchNorm each micro-batch is normalised by its own
-      # statistics (README, "Memory: micro-batches and rematerialisation").
+      # statistics (docs/performance.md, "Memory: micro-batches and
+      # rematerialisation").
       'micro_batches': 1,
   })
 
@@ -41,8 +44,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.stages_to_run = STAGE_NAMES  # replaced by stage names given in `arg`
-  # True (the `:released` variant): every field of RELEASED holds the
-  # released code's value; a setting that contradicts it fails validation.
+  # True (the `:released` variant): every field of
+  # spcl_jax.run.released.RELEASED holds the released code's value; a
+  # setting that contradicts it fails validation.
   c.released = False
   # What a stage starts from (`model_from`): the previous stage's 'final'
   # model, or its 'best' one on the validation split (the released scripts
@@ -85,7 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'source': 'gta5',
       'source_split': 'train',
       'target': 'spcl_cityscapes',  # not TFDS's own `cityscapes`
-      # The classes the model predicts (spcl_jax.labels.LABEL_SPACES); stored
+      # The classes the model predicts (spcl_jax.core.labels.LABEL_SPACES); stored
       # trainIds outside it are ignored. model.num_classes must match.
       'label_space': 'cityscapes19',
       # Image interpolation of the resize to source/target/eval size:
@@ -102,7 +106,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # How colour jitter (source, self-training) is computed: 'released',
       # torchvision's ColorJitter on PIL images (uint8 after each operation,
       # as the released code); 'float', a float HSV jitter of the same
-      # factors (the demo's recorded results; input_pipeline.COLOR_JITTERS).
+      # factors (the demo's recorded results;
+      # spcl_jax.data.transforms.COLOR_JITTERS).
       'color_jitter_implementation': 'released',
       # Geometric augmentation of the source in the warm-up and SPCL stages.
       # () / False: the released recipe (the image resized to source_size,
@@ -112,6 +117,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'source_crop_size': (),
       'source_flip': False,
       'worker_count': 4,
+      # Each stream of each worker reads (decodes) records with `read_threads`
+      # threads, at most `read_ahead` of them ahead of its transforms: host
+      # memory, not which batches (docs/performance.md, "Host memory").
+      'read_threads': 4,
+      'read_ahead': 16,
       # Training batches made and put onto the devices by a background
       # thread while the step runs (per data stream; up to this + 1 ahead).
       # 0: each batch is made when the step asks for it.
@@ -127,7 +137,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'class_sets': (19,),
       # Validation images shown at every evaluation of a training stage
       # (DIR/tensorboard; input | prediction | ground truth, the same
-      # images each time, spcl_jax/dashboards.py); 0: none.
+      # images each time, spcl_jax/report/dashboards.py); 0: none.
       'dashboard_images': 4,
   })
 
@@ -229,7 +239,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'sigterm_at_step': -1,
       'crash_after_write': '',
       # Deterministic SIGTERM during a wait that cannot stop between
-      # batches (stage_context.interruptible): 'build' (the demo dataset's
+      # batches (run.processes.interruptible): 'build' (the demo dataset's
       # build), '<stage>/compile' (its step; a pseudo-label stage's
       # confidence step), '<stage>/compile_evaluation',
       # '<stage>/compile_dashboard', '<pseudo-label stage>/compile_labels'.
@@ -245,41 +255,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return apply_arg(c, arg, {})
 
 
-# The released code's behaviour where it differs from our defaults (README,
-# "Differences from the released code"): field -> released value.
-RELEASED = {
-    'stages.spcl.prototype_update': 'before_loss',
-    'stages.spcl.decay_absent_classes': True,
-    'stages.spcl.target_mask': 'offline',   # the release has no online mask
-    'chain_model': 'best',
-    'data.image_interpolation': 'bicubic',
-    'model.layer_init': 'torch',
-    'model.frozen_bn_epsilon': 0.0,
-}
-
-
-def _get(config, dotted: str):
-  for key in dotted.split('.'):
-    config = config[key]
-  return config
-
-
 def released(config) -> None:
-  """The `:released` variant: every behaviour of the released code."""
-  config.released = True
-  for dotted, value in RELEASED.items():
-    parent, _, key = dotted.rpartition('.')
-    (_get(config, parent) if parent else config)[key] = value
-
-
-def released_conflicts(config) -> list:
-  """The fields that contradict `released = True` (empty when it is off)."""
-  if not config.released:
-    return []
-  return [f'released = True (the `:released` variant) contradicts '
-          f'{dotted} = {_get(config, dotted)!r}; the released code has '
-          f'{value!r}' for dotted, value in RELEASED.items()
-          if _get(config, dotted) != value]
+  """The `:released` variant: every behaviour of the released code
+  (spcl_jax.run.released.RELEASED)."""
+  released_lib.apply(config)
 
 
 def oracle(config) -> None:

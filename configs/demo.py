@@ -4,22 +4,22 @@ the dataset build on first use).
 
 As the real configs start from ImageNet weights, the demo's backbone starts
 from weights pretrained on a separate, differently-labelled task (object
-classification, `spcl_jax.pretrain`; shipped in weights/, RESULTS.md §4),
+classification, `spcl_jax.pretrain`; shipped in weights/, docs/research_log.md §4),
 and self-training reads class-balanced pseudo labels (the top 20 % of each
 class, `default.class_balanced`): the setting in which the demo's
-self-training adapts (RESULTS.md §4). The dataset is built into
+self-training adapts (docs/research_log.md §4). The dataset is built into
 `data.data_dir` on first use. Variants:
   smoke        the `tiny` dataset at 32x64 and a few steps per stage (CI)
   source_only  warm-up without the adversarial term
   oracle       warm-up trained on the labelled target_train split (the upper
                bound that measures the domain gap; stop after `warmup`)
   same_domain  target = source (a control: no stage should lose accuracy)
-  scratch      the backbone starts from random weights (RESULTS.md §1-§3)
+  scratch      the backbone starts from random weights (docs/research_log.md §1-§3)
   released_labels  self-training reads the released pseudo labels (class
                thresholds: the median capped at 0.9) instead
-  res96        96x192 with 4 + 4 images a step (RESULTS.md §1-§4)
+  res96        96x192 with 4 + 4 images a step (docs/research_log.md §1-§4)
   pretrained, class_balanced  the defaults (kept so that older commands run)
-`:res96,scratch,released_labels` is the demo as it was before RESULTS.md §4,
+`:res96,scratch,released_labels` is the demo as it was before docs/research_log.md §4,
 `:res96` the demo of §4's class-balanced subsection.
 """
 
@@ -86,9 +86,9 @@ def released_labels(config):
 
 
 def res96(config):
-  """The demo's size before RESULTS.md §4's last subsection: 96x192 with
+  """The demo's size before docs/research_log.md §4's last subsection: 96x192 with
   4 + 4 images a step, self-training 8 crops of 96x192 at 0.5-1.0x the
-  128x256 renders (RESULTS.md §1-§4 were measured with it)."""
+  128x256 renders (docs/research_log.md §1-§4 were measured with it)."""
   data = config.data
   data.source_size = data.target_size = data.eval_size = (96, 192)
   for name in ('warmup', 'spcl'):
@@ -126,12 +126,12 @@ def get_config(arg=None):
   data.val_split = 'target_val'
   # the renders' full 128x256: logits at 16x32, where the demo's street
   # furniture is resolvable (the oracle: ~42 at 64x128, ~50 at 96x192, ~56
-  # here; RESULTS.md §1)
+  # here; docs/research_log.md §1)
   data.source_size = data.target_size = data.eval_size = (128, 256)
   data.worker_count = 2
   data.eval_batch_size = 40
   data.build_if_missing = True
-  # RESULTS.md's numbers were made with the float jitter ('released', the
+  # docs/research_log.md's numbers were made with the float jitter ('released', the
   # recipes' PIL one, is 5x faster at 1280x720 but draws other images)
   data.color_jitter_implementation = 'float'
 

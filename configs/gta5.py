@@ -3,8 +3,8 @@
 Variants: `vgg16` (DeepLab-v2 VGG-16, paper Table 1; the SPEC gives no
 VGG-specific optimiser numbers, so the ResNet recipe's are kept),
 `source_only` (warm-up with adversarial weight 0), `released` (every
-behaviour of the released code, default.RELEASED), `class_balanced`
-(self-training on the top 20 % of each class's pseudo labels instead of
+behaviour of the released code, spcl_jax.run.released.RELEASED),
+`class_balanced` (self-training on the top 20 % of each class's pseudo labels instead of
 the released median rule; default.class_balanced).
 """
 

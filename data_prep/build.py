@@ -19,8 +19,8 @@ from absl import logging
 
 from data_prep import builders
 from data_prep import sim2real_demo
-from spcl_jax import input_pipeline as ip
-from spcl_jax import storage
+from spcl_jax.data import sources
+from spcl_jax.infra import storage
 
 _DATASET = flags.DEFINE_string(
     'dataset', None, f'one of {", ".join(sorted(builders.DATASETS))} '
@@ -97,7 +97,7 @@ def main(argv):
     raise app.UsageError(
         f'--data_dir={_DATA_DIR.value}: a build writes local files only '
         '(ArrayRecord); build into a local --data_dir and copy it up: '
-        f'{ip.copy_up_command(name, _DATA_DIR.value)}')
+        f'{sources.copy_up_command(name, _DATA_DIR.value)}')
   builder = builders.build(_DATASET.value, _DATA_DIR.value, config,
                            _MANUAL_DIR.value, _SKIP_CORRUPT.value,
                            **folder_options)

@@ -25,10 +25,8 @@ DATASETS = {'sim2real_demo': sim2real_demo.Sim2RealDemo,
             'spcl_cityscapes': cityscapes.Cityscapes,
             'acdc': acdc.Acdc,
             'dark_zurich': dark_zurich.DarkZurich}
+# DATASETS' names are spcl_jax.data.catalog.DATASET_NAMES (tested).
 FOLDER = 'folder'
-# The datasets a pipeline run builds itself when they are missing
-# (`data.build_if_missing`): rendered here, nothing to download.
-BUILT_BY_RUNS = ('sim2real_demo',)
 
 
 def make_builder(dataset: str, data_dir: str, config=None,

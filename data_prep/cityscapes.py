@@ -2,7 +2,7 @@
 
 Named `spcl_cityscapes`: TFDS ships a different builder named `cityscapes`,
 which `tfds.data_source("cityscapes")` would find (and try to download).
-`spcl_jax.input_pipeline.open_source` reads the build from its directory, as
+`spcl_jax.data.sources.open_source` reads the build from its directory, as
 does `tfds.builder_from_directory(DATA_DIR/spcl_cityscapes/1.0.0)`.
 """
 

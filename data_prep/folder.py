@@ -49,7 +49,7 @@ import numpy as np
 from PIL import Image
 
 from data_prep import segmentation_builder as sb
-from spcl_jax import labels as label_table
+from spcl_jax.core import labels as label_table
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 LABEL_EXTENSION = '.png'

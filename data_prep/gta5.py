@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from data_prep import segmentation_builder as sb
-from spcl_jax import labels as label_table
+from spcl_jax.core import labels as label_table
 
 
 class Gta5(sb.SegmentationBuilder):

@@ -21,7 +21,7 @@ Defects, all listed in the build log and in the dataset's metadata
 Each split's metadata also says whether the split has labels
 (`has_labels`): a split built without them (Cityscapes `test`, an
 images-only folder split) stores all-255 labels, and evaluating on it is
-refused (`spcl_jax.input_pipeline.check_labelled`).
+refused (`spcl_jax.data.sources.check_labelled`).
 """
 
 import abc
@@ -37,9 +37,9 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from data_prep import records
-from spcl_jax import labels as label_table
-from spcl_jax.input_pipeline import encode_png
-from spcl_jax.input_pipeline import resize_label
+from spcl_jax.core import labels as label_table
+from spcl_jax.data.codecs import encode_png
+from spcl_jax.data.resize import resize_label
 
 IGNORE = 255
 

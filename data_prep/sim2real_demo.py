@@ -19,7 +19,7 @@ import tensorflow_datasets as tfds
 
 from data_prep import records
 from data_prep import sim2real_render
-from spcl_jax.input_pipeline import encode_png
+from spcl_jax.data.codecs import encode_png
 
 SPLITS = {'source_train': 'synthetic', 'target_train': 'real',
           'target_val': 'real', 'source_val': 'synthetic'}

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 
 from data_prep import segmentation_builder as sb
-from spcl_jax import labels as label_table
+from spcl_jax.core import labels as label_table
 
 
 class Synthia(sb.SegmentationBuilder):

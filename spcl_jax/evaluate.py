@@ -12,7 +12,7 @@ OUT = DIR/<stage>/evaluation/<checkpoint>-<dataset>-<split>[-flip]
 [-scales_...]. The confusion matrix is summed over the whole split on every
 device, as in training; at scale 1 without flip the result is the stage's
 own evaluation (report.json). With --flip / --scales the softmax
-probabilities of the passes are averaged (`spcl_jax.inference`).
+probabilities of the passes are averaged (`spcl_jax.core.pass_steps`).
 
 Prints the per-class IoU table and writes OUT/metrics.json, OUT/table.md
 and OUT/table.csv. Exit status 1 on an error, printed in one line naming
@@ -25,7 +25,7 @@ import os
 import sys
 
 # First: TensorFlow's native log level must be set before it is imported.
-from spcl_jax import console  # pylint: disable=g-bad-import-order
+from spcl_jax.infra import console  # pylint: disable=g-bad-import-order
 console.quiet_native_logs(sys.argv)
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -34,14 +34,14 @@ from absl import logging
 import jax
 import ml_collections
 
-from spcl_jax import inference
-from spcl_jax import input_pipeline as ip
-from spcl_jax import labels as label_table
-from spcl_jax import stage_context
-from spcl_jax import storage
-from spcl_jax import tables
-from spcl_jax import trained_model
-from spcl_jax import workdir as workdir_lib
+from spcl_jax.core import labels as label_table
+from spcl_jax.core import pass_steps
+from spcl_jax.data import sources
+from spcl_jax.infra import storage
+from spcl_jax.infra import workdir as workdir_lib
+from spcl_jax.report import tables
+from spcl_jax.run import passes
+from spcl_jax.run import trained_model
 
 
 def default_output(workdir: str, stage: str, checkpoint: str, dataset: str,
@@ -49,14 +49,14 @@ def default_output(workdir: str, stage: str, checkpoint: str, dataset: str,
   parts = [checkpoint, dataset.replace('/', '_'), split]
   if flip:
     parts.append('flip')
-  if not inference.is_plain(scales, False):
+  if not pass_steps.is_plain(scales, False):
     parts.append('scales_' + '_'.join(f'{s:g}' for s in scales))
   return os.path.join(workdir, stage, 'evaluation', '-'.join(parts))
 
 
 def row_name(stage: str, checkpoint: str, flip: bool, scales) -> str:
   extras = [checkpoint] + (['flip'] if flip else [])
-  if not inference.is_plain(scales, False):
+  if not pass_steps.is_plain(scales, False):
     extras.append('scales ' + ','.join(f'{s:g}' for s in scales))
   return f'{stage} ({", ".join(extras)})'
 
@@ -67,7 +67,7 @@ def evaluation_config(config: ml_collections.ConfigDict, dataset: str,
                       ) -> ml_collections.ConfigDict:
   """The workdir's config made to evaluate `dataset:split` from `data_dir`
   on `class_sets`, in batches that split over the devices (what
-  `stage_context.evaluate` reads)."""
+  `passes.evaluate` reads)."""
   config = ml_collections.ConfigDict(config.to_dict())
   for size in class_sets:
     label_table.class_set_indices(size, config.data.label_space)
@@ -91,24 +91,24 @@ def evaluate(workdir: str, stage: str | None = None,
   workdir = storage.resolve(workdir)
   config = trained_model.read_config(workdir)
   stage = trained_model.choose_stage(workdir, stage)
-  scales = inference.check_scales(scales)
+  scales = pass_steps.check_scales(scales)
   data = config.data
   dataset, split = dataset or data.target, split or data.val_split
-  data_dir = ip.data_dir_path(data_dir or data.data_dir)
+  data_dir = sources.data_dir_path(data_dir or data.data_dir)
   class_sets = tuple(class_sets or config.evaluation.class_sets)
   config = evaluation_config(config, dataset, split, data_dir, class_sets)
   ctx = trained_model.context(config, workdir, checkpoint)
   model_dir = trained_model.model_directory(ctx, stage)
-  ip.open_source(dataset, split, data_dir)   # built, and has the split
-  ip.check_labelled(dataset, split, data_dir)   # and labels
+  sources.open_source(dataset, split, data_dir)   # built, and has the split
+  sources.check_labelled(dataset, split, data_dir)   # and labels
   output = trained_model.check_output_dir(output or default_output(
       workdir, stage, checkpoint, dataset, split, flip, scales))
 
   logging.info('evaluating %s on %s:%s (%s)', model_dir, dataset, split,
                'flip' if flip else 'no flip')
   model, variables = trained_model.load(ctx, stage)
-  eval_step = jax.jit(inference.make_eval_step(model, scales, flip))
-  result = stage_context.evaluate(ctx, model, variables, eval_step)
+  eval_step = jax.jit(pass_steps.make_eval_step(model, scales, flip))
+  result = passes.evaluate(ctx, model, variables, eval_step)
   metrics = {**result, 'stage': stage, 'checkpoint': checkpoint,
              'model_directory': model_dir, 'dataset': dataset,
              'split': split, 'data_dir': data_dir, 'flip': flip,

@@ -22,21 +22,21 @@ import os
 import sys
 
 # First: TensorFlow's native log level must be set before it is imported.
-from spcl_jax import console  # pylint: disable=g-bad-import-order
+from spcl_jax.infra import console  # pylint: disable=g-bad-import-order
 console.quiet_native_logs(sys.argv)
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
-from spcl_jax import checkpoint
-from spcl_jax import flag_errors
-from spcl_jax import pipeline
-from spcl_jax import stage_context
-from spcl_jax import storage
-from spcl_jax import workdir as workdir_lib
+from spcl_jax.infra import flag_errors
+from spcl_jax.infra import storage
+
+# The run's modules (jax, TensorFlow, flax, orbax, ...) are imported by the
+# functions that use them, not here: grain starts its worker processes with
+# multiprocessing's `spawn`, which imports this module (`__mp_main__`) in
+# every worker; with them here each worker held ~0.9 GB of imports.
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file[:args]',
                                           lock_config=True)
@@ -50,6 +50,7 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'this process')
 
 
 def _initialize_distributed() -> None:
+  import jax  # pylint: disable=g-import-not-at-top
   if _NUM_PROCESSES.value and _NUM_PROCESSES.value > 1:
     if jax.config.jax_platforms in (None, '', 'cpu') and not os.environ.get(
         'CUDA_VISIBLE_DEVICES'):
@@ -63,9 +64,11 @@ def _initialize_distributed() -> None:
 
 def _exit(status: int) -> None:
   """sys.exit(status); where a SIGTERM abandoned a compile or a dataset
-  build (`stage_context.interruptible`), os._exit without waiting for it:
+  build (`processes.interruptible`), os._exit without waiting for it:
   the interpreter's teardown would run under the still-working thread."""
-  abandoned = stage_context.abandoned_work()
+  import jax  # pylint: disable=g-import-not-at-top
+  from spcl_jax.run import processes  # pylint: disable=g-import-not-at-top
+  abandoned = processes.abandoned_work()
   if not abandoned:
     sys.exit(status)
   logging.info('not waiting for: %s', ', '.join(abandoned),
@@ -81,6 +84,14 @@ def _exit(status: int) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from spcl_jax.infra import checkpoint
+  from spcl_jax.run import config_checks
+  from spcl_jax.run import pipeline
+  from spcl_jax.run import processes
+  from spcl_jax.run import train_stage
+  # pylint: enable=g-import-not-at-top
   console.setup(flags.FLAGS.verbosity)
   try:
     storage.check_supported('--workdir', _WORKDIR.value)
@@ -102,11 +113,11 @@ def main(argv):
                jax.devices()[0].platform)
   try:
     pipeline.run(_CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
-  except pipeline.Preempted as e:
+  except processes.Preempted as e:
     logging.info('%s; rerun the same command to resume (exit status %d)', e,
                  pipeline.PREEMPTED_EXIT_STATUS)
     _exit(pipeline.PREEMPTED_EXIT_STATUS)
-  except (pipeline.ConfigMismatchError, pipeline.NonFiniteLossError,
+  except (config_checks.ConfigMismatchError, train_stage.NonFiniteLossError,
           checkpoint.UnreadableCheckpointError, FileNotFoundError,
           ValueError) as e:
     console.report_error(str(e))   # once on the console, and in log.txt

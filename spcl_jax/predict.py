@@ -29,7 +29,7 @@ import os
 import sys
 
 # First: TensorFlow's native log level must be set before it is imported.
-from spcl_jax import console  # pylint: disable=g-bad-import-order
+from spcl_jax.infra import console  # pylint: disable=g-bad-import-order
 console.quiet_native_logs(sys.argv)
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -39,13 +39,14 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from spcl_jax import inference
-from spcl_jax import input_pipeline as ip
-from spcl_jax import labels as label_table
-from spcl_jax import storage
-from spcl_jax import trained_model
-from spcl_jax import visualize
-from spcl_jax import workdir as workdir_lib
+from spcl_jax.core import labels as label_table
+from spcl_jax.core import pass_steps
+from spcl_jax.data import global_batches
+from spcl_jax.data import transforms
+from spcl_jax.infra import storage
+from spcl_jax.infra import workdir as workdir_lib
+from spcl_jax.report import visualize
+from spcl_jax.run import trained_model
 
 OVERLAY_ALPHA = 0.5
 
@@ -91,9 +92,9 @@ def preprocess(image: np.ndarray, data: ml_collections.ConfigDict
   """float32 [h, w, 3]: resized to `data.eval_size` and normalised, by the
   evaluation pipeline's own transforms."""
   element = {'image': image, 'label': np.zeros((0, 0), np.uint8)}
-  for op in (ip.Resize(tuple(data.eval_size), False,
-                       data.image_interpolation),
-             ip.Normalize(tuple(data.mean), tuple(data.std))):
+  for op in (transforms.Resize(tuple(data.eval_size), False,
+                               data.image_interpolation),
+             transforms.Normalize(tuple(data.mean), tuple(data.std))):
     element = op.map(element)
   return element['image']
 
@@ -127,7 +128,7 @@ class Predictor:
     self.ctx, self.variables, self.output = ctx, variables, output
     self.cityscapes_ids = cityscapes_ids
     self.batch = trained_model.batch_size(ctx.config)
-    self.step = jax.jit(inference.make_predict_step(model, scales, flip),
+    self.step = jax.jit(pass_steps.make_predict_step(model, scales, flip),
                         static_argnums=2)
     self.pending = {}   # (height, width) -> [(path, image)]
     self.written = 0
@@ -147,7 +148,7 @@ class Predictor:
     x = np.stack([preprocess(image, data) for _, image in group])
     x = np.concatenate([x, np.zeros((self.batch - len(x), *x.shape[1:]),
                                     x.dtype)])
-    images = ip.to_global({'image': x}, self.ctx.mesh, ('image',))['image']
+    images = global_batches.to_global({'image': x}, self.ctx.mesh, ('image',))['image']
     classes = np.asarray(self.step(self.variables, images,
                                    group[0][1].shape[:2]))
     for (path, image), predicted in zip(group, classes):
@@ -166,7 +167,7 @@ def predict(workdir: str, pattern: str, output: str, stage: str | None = None,
   workdir = storage.resolve(workdir)
   config = trained_model.read_config(workdir)
   stage = trained_model.choose_stage(workdir, stage)
-  scales = inference.check_scales(scales)
+  scales = pass_steps.check_scales(scales)
   files = input_files(pattern)
   check_unique_stems(files)
   ctx = trained_model.context(config, workdir, checkpoint)

@@ -15,10 +15,10 @@ from PIL import Image
 import pytest
 
 from configs import demo
-from spcl_jax import analyze
-from spcl_jax import labels as label_table
-from spcl_jax import pipeline
-from spcl_jax import trained_model
+from spcl_jax.core import labels as label_table
+from spcl_jax.run import config_checks
+from spcl_jax.run import feature_analysis
+from spcl_jax.run import trained_model
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -43,8 +43,8 @@ def _random_batches(seed=0, num_batches=3, batch=2, grid=(4, 6), depth=5):
 
 
 def _accumulate(batches, pixels_per_class):
-  stats = analyze.DomainStatistics(NUM_CLASSES, pixels_per_class)
-  step = jax.jit(analyze.batch_statistics, static_argnums=(3, 4))
+  stats = feature_analysis.DomainStatistics(NUM_CLASSES, pixels_per_class)
+  step = jax.jit(feature_analysis.batch_statistics, static_argnums=(3, 4))
   for features, labels, priorities in batches:
     stats.add(step(features, labels, priorities, NUM_CLASSES,
                    pixels_per_class))
@@ -120,18 +120,18 @@ def test_pixel_sample_is_the_lowest_priorities_of_each_class():
   assert len(everything[1]) == len(classes)
   # the t-SNE points: as many as asked, the same for the same seed
   pools = {'source': got_priorities, 'target': got_priorities[:5]}
-  chosen = analyze.tsne_selection(pools, 7, seed=3)
+  chosen = feature_analysis.tsne_selection(pools, 7, seed=3)
   assert sum(len(v) for v in chosen.values()) == 7
   assert all(np.all(v < len(pools[d])) for d, v in chosen.items())
-  again = analyze.tsne_selection(pools, 7, seed=3)
-  assert all(np.array_equal(chosen[d], again[d]) for d in analyze.DOMAINS)
+  again = feature_analysis.tsne_selection(pools, 7, seed=3)
+  assert all(np.array_equal(chosen[d], again[d]) for d in feature_analysis.DOMAINS)
 
 
 def _partial_workdir(tmp_path, finished):
   workdir = tmp_path / 'partial'
   workdir.mkdir(parents=True)
   (workdir / 'config.json').write_text(json.dumps(
-      pipeline.config_to_json(demo.get_config('smoke'))))
+      config_checks.config_to_json(demo.get_config('smoke'))))
   for stage in finished:
     (workdir / stage).mkdir()
     (workdir / stage / 'done.json').write_text('{}')
@@ -144,18 +144,19 @@ def test_a_missing_stage_lists_the_stages_that_exist(tmp_path):
   with pytest.raises(trained_model.StageNotAvailableError,
                      match=r"'spcl' is not finished.*\['warmup', "
                            r"'prototypes'\].*\['warmup'\]"):
-    analyze.analyze(str(workdir), str(out), stages=['spcl'])
+    feature_analysis.analyze(str(workdir), str(out), stages=['spcl'])
   with pytest.raises(trained_model.StageNotAvailableError,
                      match=r"'prototypes' is a prototypes stage"):
-    analyze.analyze(str(workdir), str(out), stages=['warmup', 'prototypes'])
+    feature_analysis.analyze(str(workdir), str(out),
+                             stages=['warmup', 'prototypes'])
   empty = _partial_workdir(tmp_path / 'e', [])
   with pytest.raises(trained_model.StageNotAvailableError,
                      match=r"none of the default stages \['warmup', 'spcl'\]"
                            r".*finished stages in .*: none"):
-    analyze.analyze(str(empty), str(out))
+    feature_analysis.analyze(str(empty), str(out))
   with pytest.raises(ValueError, match='--tsne_iterations'):
-    analyze.analyze(str(workdir), str(out), stages=['warmup'],
-                    tsne_iterations=10)
+    feature_analysis.analyze(str(workdir), str(out), stages=['warmup'],
+                             tsne_iterations=10)
   assert not out.exists()
 
 
@@ -196,13 +197,13 @@ def test_analyze_end_to_end(reference, tmp_path):
   names = list(label_table.class_names('cityscapes19'))
   assert report['classes'] == names
   assert list(report['models']) == ['spcl', 'warmup']   # sorted keys
-  for domain in analyze.DOMAINS:
+  for domain in feature_analysis.DOMAINS:
     assert report[domain]['num_images'] == 4
     assert len(set(report[domain]['image_indices'])) == 4
   for stage, entry in report['models'].items():
     assert entry['stage'] == stage
     assert entry['model_directory'] == str(reference / stage / 'model')
-    for domain in analyze.DOMAINS:
+    for domain in feature_analysis.DOMAINS:
       ccd, pixels = entry[domain]['per_class'], entry[domain]['pixels']
       assert list(ccd) == sorted(names) and list(pixels) == sorted(names)
       present = [n for n in names if pixels[n] > 0]
@@ -221,12 +222,12 @@ def test_analyze_end_to_end(reference, tmp_path):
   assert not (reference / 'analysis').exists()
 
   # deterministic: in-process, on the 8 simulated devices, the same result
-  again, _ = analyze.analyze(str(reference), str(tmp_path / 'again'),
-                             num_images=4, pixels_per_class=4,
-                             tsne_points=0)
+  again, _ = feature_analysis.analyze(str(reference), str(tmp_path / 'again'),
+                                      num_images=4, pixels_per_class=4,
+                                      tsne_points=0)
   assert not (tmp_path / 'again' / 'tsne.png').exists()
   for stage, entry in report['models'].items():
-    for domain in analyze.DOMAINS:
+    for domain in feature_analysis.DOMAINS:
       assert again['models'][stage][domain]['pixels'] == entry[domain][
           'pixels']
       for name, value in entry[domain]['per_class'].items():
@@ -254,7 +255,7 @@ def test_analyze_bad_input(reference, tmp_path, monkeypatch):
   blocked.write_text('')
   with pytest.raises(PermissionError,
                      match='cannot write to the output directory'):
-    analyze.analyze(str(reference), str(blocked / 'out'))
+    feature_analysis.analyze(str(reference), str(blocked / 'out'))
 
 
 def test_stages_of_an_experiment_that_extends_the_pipeline_are_found(

@@ -4,7 +4,8 @@ import importlib
 
 import pytest
 
-from spcl_jax import pipeline
+from spcl_jax.run import config_checks
+from spcl_jax.run import pipeline
 
 
 @pytest.mark.parametrize('name,args', [
@@ -18,7 +19,7 @@ def test_every_config_and_variant_validates(name, args):
   # the recipes on one GPU node of the paper; the CPU demo's 2 + 2 images a
   # step on (at most) two devices
   devices = 2 if name == 'demo' and args != 'smoke' else 4
-  pipeline.validate(config, num_devices=devices)
+  config_checks.validate(config, num_devices=devices)
 
 
 @pytest.mark.parametrize('name,plain_arg', [
@@ -47,7 +48,7 @@ def test_demo_defaults_to_the_shipped_backbone_and_class_balanced_labels():
           config.stages.pseudo_labels.threshold_cap) == (0.5, 0.9)
   assert config.to_dict() == demo.get_config(
       'pretrained,class_balanced').to_dict()
-  # `scratch,released_labels` is the demo before RESULTS.md §4: it differs
+  # `scratch,released_labels` is the demo before docs/research_log.md §4: it differs
   # in these fields only
   old = demo.get_config('scratch,released_labels')
   assert (old.model.pretrained_dir, old.model.pretrain_if_missing) == (
@@ -60,7 +61,7 @@ def test_demo_defaults_to_the_shipped_backbone_and_class_balanced_labels():
 
 
 def test_res96_is_the_demo_size_of_results_1_to_4():
-  """`:res96` restores the size and batches RESULTS.md §1-§4 measured
+  """`:res96` restores the size and batches docs/research_log.md §1-§4 measured
   (96x192, 4 + 4 images, self-training 8 crops of 96x192 at 0.5-1.0x) and
   changes nothing else; the default trains on the same pixels per step."""
   from configs import demo  # pylint: disable=g-import-not-at-top
@@ -162,7 +163,7 @@ def test_released_variant_turns_on_every_released_behaviour(name):
   assert (ours.data.image_interpolation,
           released.data.image_interpolation) == ('bilinear', 'bicubic')
   assert released.stages.spcl.target_mask == 'offline'
-  pipeline.validate(released, num_devices=4)
+  config_checks.validate(released, num_devices=4)
 
 
 def test_released_with_a_contradicting_setting_is_refused():
@@ -171,7 +172,7 @@ def test_released_with_a_contradicting_setting_is_refused():
   config.stages.spcl.target_mask = 'online'
   config.chain_model = 'final'
   with pytest.raises(ValueError) as error:
-    pipeline.validate(config, num_devices=4)
+    config_checks.validate(config, num_devices=4)
   message = str(error.value)
   assert ("released = True (the `:released` variant) contradicts "
           "stages.spcl.target_mask = 'online'; the released code has "
@@ -181,19 +182,20 @@ def test_released_with_a_contradicting_setting_is_refused():
 
 def test_colour_jitter_implementation_is_checked_and_reaches_the_pipeline():
   from configs import demo  # pylint: disable=g-import-not-at-top
-  from spcl_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
-  from spcl_jax import stage_context  # pylint: disable=g-import-not-at-top
+  from spcl_jax.data import loaders  # pylint: disable=g-import-not-at-top
+  from spcl_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  from spcl_jax.run import context  # pylint: disable=g-import-not-at-top
   config = demo.get_config()
   # the demo keeps the jitter its recorded results were made with
   assert config.data.color_jitter_implementation == 'float'
   config.data.color_jitter_implementation = 'pil'
   with pytest.raises(ValueError, match=r"data.color_jitter_implementation: "
                      r"'pil', expected one of \['float', 'released'\]"):
-    pipeline.validate(config, num_devices=2)
+    config_checks.validate(config, num_devices=2)
   config.data.color_jitter_implementation = 'released'
-  ctx = stage_context.Context(config, '/nonexistent', None, None)
-  specs = stage_context.train_specs(ctx, pipeline.stage_graph.STAGE_BY_NAME[
+  ctx = context.Context(config, '/nonexistent', None, None)
+  specs = context.train_specs(ctx, pipeline.stage_graph.STAGE_BY_NAME[
       'warmup'])
-  jitters = [op for op in ip.transforms_of(specs['source_iterator'])
-             if isinstance(op, ip.ColorJitter)]
+  jitters = [op for op in loaders.transforms_of(specs['source_iterator'])
+             if isinstance(op, transforms.ColorJitter)]
   assert [j.implementation for j in jitters] == ['released']

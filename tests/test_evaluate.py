@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from spcl_jax import evaluate
-from spcl_jax import trained_model
+from spcl_jax.run import trained_model
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 TRAINING_STAGES = ['warmup', 'spcl', 'self_training']

@@ -23,11 +23,12 @@ import numpy as np
 import pytest
 
 from configs import demo
-from spcl_jax import config_checks
-from spcl_jax import console
-from spcl_jax import flag_errors
-from spcl_jax import input_pipeline as ip
-from spcl_jax import workdir as workdir_lib
+from spcl_jax.data import pseudo_labels as pseudo_labels_lib
+from spcl_jax.data import sources
+from spcl_jax.infra import console
+from spcl_jax.infra import flag_errors
+from spcl_jax.infra import workdir as workdir_lib
+from spcl_jax.run import config_checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, 'configs', 'demo.py')
@@ -217,7 +218,7 @@ def test_other_commands_print_a_misspelt_config_field_in_one_line(
 
 def _write_labels(stage_dir, count=3):
   labels = {f'img_{i}': np.full((4, 6), i, np.uint8) for i in range(count)}
-  with ip.PseudoLabelWriter(str(stage_dir / 'labels')) as writer:
+  with pseudo_labels_lib.PseudoLabelWriter(str(stage_dir / 'labels')) as writer:
     for image_id, label in labels.items():
       writer.add(image_id, label)
   return stage_dir / 'labels' / 'pseudo_labels-00000-of-00001'
@@ -242,8 +243,8 @@ def test_damaged_shard_is_refused_when_the_store_opens(tmp_path, corrupt):
       f.truncate(0)
     else:
       f.write(b'\0' * size)
-  with pytest.raises(ip.CorruptPseudoLabelsError) as e:
-    ip.PseudoLabelStore(str(stage_dir / 'labels'))
+  with pytest.raises(pseudo_labels_lib.CorruptPseudoLabelsError) as e:
+    pseudo_labels_lib.PseudoLabelStore(str(stage_dir / 'labels'))
   _assert_names_shard_and_rerun(str(e.value), stage_dir,
                                 os.path.basename(shard))
 
@@ -253,8 +254,8 @@ def test_shard_index_that_is_not_json_is_named(tmp_path):
   index = str(_write_labels(stage_dir)) + '.json'
   with open(index, 'w') as f:
     f.write('{"image_ids": [')
-  with pytest.raises(ip.CorruptPseudoLabelsError) as e:
-    ip.PseudoLabelStore(str(stage_dir / 'labels'))
+  with pytest.raises(pseudo_labels_lib.CorruptPseudoLabelsError) as e:
+    pseudo_labels_lib.PseudoLabelStore(str(stage_dir / 'labels'))
   _assert_names_shard_and_rerun(str(e.value), stage_dir,
                                 os.path.basename(index))
   assert 'not a shard index' in str(e.value)
@@ -265,7 +266,7 @@ def test_damaged_record_is_named_when_read(tmp_path):
   is read, naming the shard, the record and the image."""
   stage_dir = tmp_path / 'pseudo_labels'
   shard = str(_write_labels(stage_dir, count=40)) + '.array_record'
-  store = ip.PseudoLabelStore(str(stage_dir / 'labels'))
+  store = pseudo_labels_lib.PseudoLabelStore(str(stage_dir / 'labels'))
   with open(shard, 'r+b') as f:   # the records' chunks lie in its start
     for offset in range(200, 6000, 300):
       f.seek(offset)
@@ -274,7 +275,7 @@ def test_damaged_record_is_named_when_read(tmp_path):
   for image_id in store.image_ids():
     try:
       store[image_id]
-    except ip.CorruptPseudoLabelsError as e:
+    except pseudo_labels_lib.CorruptPseudoLabelsError as e:
       failures.append(str(e))
   assert failures
   _assert_names_shard_and_rerun(failures[0], stage_dir,
@@ -291,7 +292,7 @@ def reference(smoke_reference):
 
 @pytest.mark.slow
 def test_corrupt_shard_then_rerun_as_the_message_says(tiny_demo, reference,
-                                                       tmp_path):
+                                                      tmp_path):
   """The SPCL stage on a truncated shard of the pseudo-label stage: one
   line naming the shard and the done.json to delete; deleting it and
   rerunning with the pseudo-label stage makes the labels again and
@@ -314,9 +315,9 @@ def test_corrupt_shard_then_rerun_as_the_message_says(tiny_demo, reference,
                 config='configs/demo.py:smoke,pseudo_labels,spcl')
   assert rerun.returncode == 0, rerun.stderr[-6000:]
   assert (tmp_path / 'spcl' / 'done.json').exists()
-  assert ip.PseudoLabelStore(str(shard.parent)).image_ids() == (
-      ip.PseudoLabelStore(str(reference / 'pseudo_labels' /
-                              'labels')).image_ids())
+  assert pseudo_labels_lib.PseudoLabelStore(str(shard.parent)).image_ids() == (
+      pseudo_labels_lib.PseudoLabelStore(str(reference / 'pseudo_labels' /
+                                             'labels')).image_ids())
 
 
 # ------------------------------------------- d, e. datasets, before writes --
@@ -330,7 +331,7 @@ def _smoke(data_dir, **data):
 
 def test_missing_dataset_is_refused_with_its_build_command(tmp_path):
   config = _smoke(tmp_path, source='gta5')
-  with pytest.raises(ip.DatasetNotBuiltError) as e:
+  with pytest.raises(sources.DatasetNotBuiltError) as e:
     config_checks.check_datasets(config, str(tmp_path / 'w'))
   assert f"dataset 'gta5' is not built in {tmp_path}" in str(e.value)
   assert 'python -m data_prep.build --dataset gta5' in str(e.value)
@@ -366,7 +367,7 @@ def test_only_the_splits_of_unfinished_stages_to_run_are_needed(tmp_path):
   config.stages_to_run = ('pseudo_labels',)   # reads the target alone
   config_checks.check_datasets(config, str(tmp_path / 'w'))
   config.stages_to_run = ('prototypes', 'pseudo_labels')
-  with pytest.raises(ip.DatasetNotBuiltError):
+  with pytest.raises(sources.DatasetNotBuiltError):
     config_checks.check_datasets(config, str(tmp_path / 'w'))
   (tmp_path / 'w' / 'prototypes').mkdir(parents=True)
   (tmp_path / 'w' / 'prototypes' / 'done.json').write_text('{}')
@@ -445,7 +446,7 @@ _CLOSED_LOOP_COMMAND = """
 import asyncio, sys
 from absl import app
 import tensorstore as ts
-from spcl_jax import console
+from spcl_jax.infra import console
 
 def main(_):
   console.setup(0, quiet_dataset_builds=False)

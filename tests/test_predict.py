@@ -11,10 +11,10 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from spcl_jax import evaluation
-from spcl_jax import input_pipeline as ip
-from spcl_jax import labels as label_table
-from spcl_jax import visualize
+from spcl_jax.core import labels as label_table
+from spcl_jax.core import metrics
+from spcl_jax.data import sources
+from spcl_jax.report import visualize
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
@@ -25,7 +25,7 @@ def test_predict_writes_every_output(smoke_reference, tiny_demo, tmp_path):
   assert run.returncode == 0, run.stderr[-6000:]
   report = json.loads((workdir / 'report.json').read_text())
   data = report['config']['data']
-  source = ip.open_source(data['target'], data['val_split'], tiny_demo)
+  source = sources.open_source(data['target'], data['val_split'], tiny_demo)
   inputs, labels = tmp_path / 'in', []
   inputs.mkdir()
   for i in range(len(source)):   # the validation split as image files
@@ -66,8 +66,8 @@ def test_predict_writes_every_output(smoke_reference, tiny_demo, tmp_path):
     if stem == 'odd_size_grey':
       assert trainid.shape == odd.shape   # upsampled to the file's size
     else:
-      confusion += np.asarray(evaluation.confusion_matrix(
+      confusion += np.asarray(metrics.confusion_matrix(
           labels[int(stem)], trainid, 19))
   # the same predictions as the stage's own evaluation of the split
-  assert evaluation.summarize(confusion)['miou'] == report['stages'][
+  assert metrics.summarize(confusion)['miou'] == report['stages'][
       'self_training']['miou']

@@ -9,18 +9,18 @@ import pytest
 
 from configs import demo
 from configs import demo_pretrain
+from spcl_jax.infra import workdir
 from spcl_jax import models
-from spcl_jax import pretrain
-from spcl_jax import train
-from spcl_jax import workdir
+from spcl_jax.models import from_config
+from spcl_jax.run import pretraining as pretraining_lib
 
 
 @pytest.fixture(scope='module')
 def pretrained(tmp_path_factory):
   config = demo_pretrain.get_config('smoke')
-  backbone, summary = pretrain.pretrain(config)
+  backbone, summary = pretraining_lib.pretrain(config)
   output = str(tmp_path_factory.mktemp('pretrained') / 'weights')
-  pretrain.write_backbone(output, config, backbone, summary)
+  pretraining_lib.write_backbone(output, config, backbone, summary)
   return config, backbone, summary, output
 
 
@@ -43,7 +43,7 @@ def test_pretrained_backbone_is_what_the_segmenter_starts_from(pretrained):
 
 def test_trained_backbone_differs_from_its_initialisation(pretrained):
   config, backbone, _, _ = pretrained
-  fresh = pretrain.Classifier(pretrain.backbone_of(config, True), 16).init(
+  fresh = pretraining_lib.Classifier(pretraining_lib.backbone_of(config, True), 16).init(
       jax.random.key(config.seed), np.zeros((1, 32, 32, 3), np.float32))
   assert not np.allclose(backbone['params']['conv1']['kernel'],
                          fresh['params']['backbone']['conv1']['kernel'])
@@ -59,10 +59,10 @@ def test_other_width_is_refused_naming_both(pretrained):
 def test_augment_keeps_shape_and_content_under_no_padding():
   rng = np.random.default_rng(0)
   images = rng.integers(0, 255, (4, 8, 8, 3), dtype=np.uint8)
-  same = pretrain.augment(images, rng, pad=0, flip=False)
+  same = pretraining_lib.augment(images, rng, pad=0, flip=False)
   np.testing.assert_array_equal(same, images)
-  flipped = pretrain.augment(images, np.random.default_rng(1), pad=2,
-                             flip=True)
+  flipped = pretraining_lib.augment(images, np.random.default_rng(1), pad=2,
+                                    flip=True)
   assert flipped.shape == images.shape
 
 
@@ -74,12 +74,12 @@ def test_unknown_variant_is_named():
 def test_existing_weights_are_reused_only_for_the_same_recipe(pretrained):
   config, _, _, output = pretrained
   before = os.stat(os.path.join(output, 'metadata.json')).st_mtime_ns
-  assert pretrain.ensure_pretrained(output, config) == output
+  assert pretraining_lib.ensure_pretrained(output, config) == output
   assert os.stat(os.path.join(output, 'metadata.json')).st_mtime_ns == before
   other = demo_pretrain.get_config('smoke')
   other.steps = 5
   with pytest.raises(ValueError, match='fields steps differ'):
-    pretrain.ensure_pretrained(output, other)
+    pretraining_lib.ensure_pretrained(output, other)
 
 
 def test_pretrained_variant_refuses_a_backbone_of_another_width(tmp_path):
@@ -88,7 +88,7 @@ def test_pretrained_variant_refuses_a_backbone_of_another_width(tmp_path):
   config.model.base_width = 32
   with pytest.raises(ValueError, match='base width 16 but model is '
                      'deeplabv2_resnet18 at base width 32'):
-    train.initial_variables(config, jax.random.key(0))
+    pretraining_lib.initial_variables(config, jax.random.key(0))
   assert not os.path.exists(tmp_path / 'weights')
 
 
@@ -104,8 +104,8 @@ def test_shipped_weights_follow_the_recipe_and_load_into_the_demo_model():
   before = [os.stat(f).st_mtime_ns for f in files]
   metadata = workdir.read_json(os.path.join(directory, 'metadata.json'))
   assert metadata['val_accuracy'] >= 0.98
-  variables = train.initial_variables(config, jax.random.key(0))
-  fresh = models.init_variables(train.model_for_stage(config, False),
+  variables = pretraining_lib.initial_variables(config, jax.random.key(0))
+  fresh = models.init_variables(from_config.model_for_stage(config, False),
                                 jax.random.key(0))
   assert [os.stat(f).st_mtime_ns for f in files] == before
   loaded = flax.traverse_util.flatten_dict(variables['params']['backbone'])

@@ -27,10 +27,10 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from spcl_jax.models import porting
 from spcl_jax.models.deeplab import ASPPv2, DeepLabV2
 from spcl_jax.models.discriminator import Discriminator
 from spcl_jax.models.layers import REMAT_MODES, BatchNorm
+from spcl_jax.models import porting
 
 
 class ModelSpec(NamedTuple):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from spcl_jax import storage
+from spcl_jax.infra import storage
 from spcl_jax.models import resnet as resnet_lib
 from spcl_jax.models import vgg as vgg_lib
 

@@ -150,7 +150,7 @@ with open(out, 'w') as f:
 def _run_ablation(data_dir, workdir, rows, out):
   """`ablation.run_ablation(smoke, workdir, 1, rows)`'s returned table, run
   on one CPU device (XLA_FLAGS cleared) as the pipeline tests' smoke runs
-  and the README's `python -m benchmarks.ablation` are: its programs are
+  and docs/commands.md's `python -m benchmarks.ablation` are: its programs are
   then the same as theirs, compiled once per session (the compilation cache
   of conftest.py), not once more for 8 simulated devices."""
   result = subprocess.run(

@@ -4,7 +4,8 @@ records decode like stored ones and its transforms are the pipeline's."""
 import numpy as np
 
 from benchmarks import input_pipeline_throughput as bench
-from spcl_jax import input_pipeline as ip
+from spcl_jax.data import loaders
+from spcl_jax.data import transforms
 
 
 def test_synthetic_records_decode_like_stored_ones():
@@ -21,18 +22,18 @@ def test_synthetic_records_decode_like_stored_ones():
 
 def test_timed_transforms_are_the_pipelines():
   source = bench.SyntheticSource((40, 64), count=4, distinct=2)
-  spec = ip.PipelineSpec('synthetic', 'val', '', 2, size=(20, 32),
-                         resize_label=False)
-  ops = ip.transforms_of(spec)
-  batch = next(iter(ip.eval_batches(spec, source, 0, 1, threads=0)))
+  spec = loaders.PipelineSpec('synthetic', 'val', '', 2, size=(20, 32),
+                              resize_label=False)
+  ops = loaders.transforms_of(spec)
+  batch = next(iter(loaders.eval_batches(spec, source, 0, 1, threads=0)))
   for i in range(2):
     element = bench.apply(ops, source[i], seed=i)
     np.testing.assert_array_equal(element['image'], batch['image'][i])
     np.testing.assert_array_equal(element['label'], batch['label'][i])
-  jittered = ip.transforms_of(ip.PipelineSpec(
+  jittered = loaders.transforms_of(loaders.PipelineSpec(
       'synthetic', 'train', '', 2, color_jitter=bench.JITTER))
   released = bench.with_jitter(jittered, 'released')
   assert [type(op) for op in released] == [type(op) for op in jittered]
   assert [op.implementation for op in released
-          if isinstance(op, ip.ColorJitter)] == ['released']
+          if isinstance(op, transforms.ColorJitter)] == ['released']
   assert bench.per_core_rate(source, released, 2) > 0

@@ -11,8 +11,10 @@ import pytest
 
 from benchmarks import self_training_rounds as rounds
 from configs import demo
-from spcl_jax import pipeline
-from spcl_jax import stage_context
+from spcl_jax.run import config_checks
+from spcl_jax.run import context
+from spcl_jax.run import pipeline
+from spcl_jax.run import stage_graph
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 
@@ -32,7 +34,7 @@ def test_seed_config_adds_a_block_per_extra_stage():
   base.lock()
   config = rounds.seed_config(base, [0.8, 0.5], seed=2)
   assert config.seed == base.seed + 2
-  stages = pipeline.STAGES + rounds.extra_stages([0.8, 0.5])
+  stages = stage_graph.STAGES + rounds.extra_stages([0.8, 0.5])
   assert config.stages_to_run == tuple(s.name for s in stages)
   for tag, quantile in (('q80', 0.8), ('q50', 0.5)):
     labels = config.stages[f'pseudo_labels_round2_{tag}']
@@ -42,31 +44,31 @@ def test_seed_config_adds_a_block_per_extra_stage():
             == base.stages.self_training.to_dict())
   assert config.stages.pseudo_labels_2.to_dict() == (
       base.stages.pseudo_labels_2.to_dict())   # round 1 untouched
-  pipeline.validate(config, num_devices=8, stages=stages)
+  config_checks.validate(config, num_devices=8, stages=stages)
   with pytest.raises(ValueError, match='unknown stage'):
-    pipeline.validate(config, num_devices=8)   # without the extra stages
+    config_checks.validate(config, num_devices=8)   # without the extra stages
   plain = demo.get_config('smoke')   # no blocks for the extra stages
   with pytest.raises(ValueError, match=r"no block stages.<name> for the "
                      r"stages \['pseudo_labels_round2_q80', "):
-    pipeline.validate(plain, num_devices=8, stages=stages)
+    config_checks.validate(plain, num_devices=8, stages=stages)
 
 
 def test_extra_stages_keep_the_seeds_of_the_pipeline_stages():
-  stages = pipeline.STAGES + rounds.extra_stages([0.8])
+  stages = stage_graph.STAGES + rounds.extra_stages([0.8])
   for seed in (0, 7, 2 ** 31 - 1):
-    for stage in pipeline.STAGES:
-      for stream in stage_context.SEED_STREAMS:
-        assert stage_context.stream_seed(seed, stage.name, stream, stages) == (
-            stage_context.stream_seed(seed, stage.name, stream))
-    every = {stage_context.stream_seed(seed, s.name, stream, stages)
-             for s in stages for stream in stage_context.SEED_STREAMS}
-    assert len(every) == len(stages) * len(stage_context.SEED_STREAMS)
+    for stage in stage_graph.STAGES:
+      for stream in context.SEED_STREAMS:
+        assert context.stream_seed(seed, stage.name, stream, stages) == (
+            context.stream_seed(seed, stage.name, stream))
+    every = {context.stream_seed(seed, s.name, stream, stages)
+             for s in stages for stream in context.SEED_STREAMS}
+    assert len(every) == len(stages) * len(context.SEED_STREAMS)
 
 
 def test_run_refuses_stages_that_do_not_begin_with_the_pipeline(tmp_path):
   config = demo.get_config('smoke')
-  with pytest.raises(ValueError, match='begin with pipeline.STAGES'):
-    pipeline.run(config, str(tmp_path), stages=pipeline.STAGES[1:])
+  with pytest.raises(ValueError, match='begin with stage_graph.STAGES'):
+    pipeline.run(config, str(tmp_path), stages=stage_graph.STAGES[1:])
   assert not os.listdir(tmp_path)
 
 
@@ -121,7 +123,7 @@ def test_smoke_rounds_extend_the_plain_pipeline(smoke_workdir, tiny_demo,
                                    'self_training_more_steps']
   report = json.loads((tmp_path / 'seed_0' / 'report.json').read_text())
   plain = json.loads(open(os.path.join(smoke_workdir, 'report.json')).read())
-  for stage in pipeline.STAGES:
+  for stage in stage_graph.STAGES:
     assert report['stages'][stage.name]['miou'] == plain['stages'][
         stage.name]['miou'], stage.name
   assert written['rows']['self_training']['mious'] == [

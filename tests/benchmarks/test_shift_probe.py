@@ -8,9 +8,12 @@ import pytest
 from benchmarks import shift_probe
 from configs import demo
 from data_prep import sim2real_render as render_lib
-from spcl_jax import evaluation
-from spcl_jax import input_pipeline as ip
-from spcl_jax import train
+from spcl_jax.core import metrics
+from spcl_jax.core import pass_steps
+from spcl_jax.data import loaders
+from spcl_jax.data import sources
+from spcl_jax.models import from_config
+from spcl_jax.run import pretraining
 
 
 def _tiny_config(data_dir):
@@ -22,7 +25,7 @@ def _tiny_config(data_dir):
 def test_base_variant_is_the_stored_split_and_scores_like_the_pipeline(
     tiny_demo):
   config = _tiny_config(tiny_demo)
-  stored = ip.open_source(config.data.target, 'target_val', tiny_demo)
+  stored = sources.open_source(config.data.target, 'target_val', tiny_demo)
   images, labels = shift_probe.render_val(
       shift_probe.demo_config(config.data.target),
       shift_probe.variant_style('base'), range(len(stored)))
@@ -34,20 +37,20 @@ def test_base_variant_is_the_stored_split_and_scores_like_the_pipeline(
     np.testing.assert_array_equal(labels[i], record['label'].reshape(
         labels[i].shape))
 
-  variables = train.initial_variables(config, jax.random.PRNGKey(0))
+  variables = pretraining.initial_variables(config, jax.random.PRNGKey(0))
   result = shift_probe.probe(config, variables, ['base', 'source_camera'],
                              num_images=len(stored), batch_size=6)
-  model = train.model_for_stage(config, False)
-  eval_step = jax.jit(train.make_eval_step(model))
-  spec = ip.PipelineSpec(dataset=config.data.target, split='target_val',
-                         data_dir=tiny_demo, global_batch_size=8,
-                         size=tuple(config.data.eval_size),
-                         resize_label=False, shuffle=False)
+  model = from_config.model_for_stage(config, False)
+  eval_step = jax.jit(pass_steps.make_eval_step(model))
+  spec = loaders.PipelineSpec(dataset=config.data.target, split='target_val',
+                              data_dir=tiny_demo, global_batch_size=8,
+                              size=tuple(config.data.eval_size),
+                              resize_label=False, shuffle=False)
   confusion = sum(np.asarray(eval_step(variables, {
       k: b[k] for k in ('image', 'label', 'valid')}))
-                  for b in ip.eval_batches(spec))
+                  for b in loaders.eval_batches(spec))
   assert result['base']['miou'] == pytest.approx(
-      evaluation.summarize(confusion, 19)['miou'], abs=1e-6)
+      metrics.summarize(confusion, 19)['miou'], abs=1e-6)
   assert result['source_camera']['miou'] != result['base']['miou']
 
 
@@ -74,7 +77,7 @@ def test_sink_is_the_most_predicted_wrong_class():
 
 def test_refuses_other_datasets_and_too_many_images(tiny_demo):
   config = _tiny_config(tiny_demo)
-  variables = train.initial_variables(config, jax.random.PRNGKey(0))
+  variables = pretraining.initial_variables(config, jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match='target_val has 16 scenes'):
     shift_probe.probe(config, variables, ['base'], num_images=17)
   config.data.target = 'cityscapes'

@@ -1,7 +1,7 @@
 """benchmarks.xla_flag_ablation: each setting's XLA_FLAGS."""
 
 from benchmarks import xla_flag_ablation
-from spcl_jax import xla_flags
+from spcl_jax.infra import xla_flags
 
 FLAG = 'xla_cpu_experimental_ynn_fusion_type'
 

@@ -14,8 +14,9 @@ from PIL import Image
 from data_prep import builders
 from data_prep import folder
 from data_prep import segmentation_builder as sb
-from spcl_jax import input_pipeline as ip
-from spcl_jax import labels as label_table
+from spcl_jax.core import labels as label_table
+from spcl_jax.data import sources
+from spcl_jax.run import config_checks
 
 
 def _rgb(seed, height=12, width=16):
@@ -42,13 +43,13 @@ def _ids(seed, shape=(12, 16)):
 
 def _read_split(data_dir, dataset, split):
   return {r['image_id'].decode(): (r['image'], r['label'][..., 0])
-          for r in ip.open_source(dataset, split, str(data_dir))}
+          for r in sources.open_source(dataset, split, str(data_dir))}
 
 
 def _metadata(data_dir, dataset):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   return tfds.builder_from_directory(
-      ip.dataset_directory(dataset, str(data_dir))).info.metadata
+      sources.dataset_directory(dataset, str(data_dir))).info.metadata
 
 
 def _assert_records(records, expected):
@@ -120,9 +121,9 @@ def test_folder_label_ids_are_mapped_and_paired_by_relative_path(id_folder):
 
 def test_evaluating_on_the_label_less_split_is_refused(id_folder):
   _, data_dir, _ = id_folder
-  ip.check_labelled('my_city', 'val', str(data_dir))   # labelled: fine
-  with pytest.raises(ip.UnlabelledSplitError) as e:
-    ip.check_labelled('my_city', 'train', str(data_dir))
+  sources.check_labelled('my_city', 'val', str(data_dir))   # labelled: fine
+  with pytest.raises(sources.UnlabelledSplitError) as e:
+    sources.check_labelled('my_city', 'train', str(data_dir))
   assert "split 'train'" in str(e.value) and "'my_city'" in str(e.value)
   assert "['val']" in str(e.value)   # the labelled splits are named
 
@@ -375,8 +376,8 @@ def test_acdc_one_condition_and_all_conditions(tmp_path):
   meta = _metadata(out, 'acdc/all')
   assert sorted(k for k in meta) == ['train', 'validation']
   assert _metadata(out, 'acdc/fog')['test']['has_labels'] is False
-  with pytest.raises(ip.UnlabelledSplitError, match="split 'test'"):
-    ip.check_labelled('acdc/fog', 'test', str(out))
+  with pytest.raises(sources.UnlabelledSplitError, match="split 'test'"):
+    sources.check_labelled('acdc/fog', 'test', str(out))
 
 
 def test_acdc_names_a_missing_condition(tmp_path):
@@ -427,9 +428,9 @@ def test_dark_zurich_night_validation_and_unlabelled_training(tmp_path):
     assert meta[split]['has_labels'] is (split == 'validation')
   from configs import cityscapes_to_darkzurich  # pylint: disable=g-import-not-at-top
   data = cityscapes_to_darkzurich.get_config().data
-  ip.check_labelled(data.target, data.val_split, str(out))
-  with pytest.raises(ip.UnlabelledSplitError, match="split 'train_night'"):
-    ip.check_labelled(data.target, data.target_split, str(out))
+  sources.check_labelled(data.target, data.val_split, str(out))
+  with pytest.raises(sources.UnlabelledSplitError, match="split 'train_night'"):
+    sources.check_labelled(data.target, data.target_split, str(out))
 
 
 # ---------------------------------------------------------------- configs --
@@ -445,9 +446,8 @@ def test_adaptation_configs_validate_with_the_spcl_recipe(name, args,
                                                           target):
   import importlib  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
-  from spcl_jax import pipeline  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f'configs.{name}').get_config(args)
-  pipeline.validate(config, num_devices=4)
+  config_checks.validate(config, num_devices=4)
   data = config.data
   assert (data.source, data.source_split) == ('spcl_cityscapes', 'train')
   assert data.target == target and data.val_split == 'validation'
@@ -477,10 +477,10 @@ def test_label_file_decoding_helpers_read_indices_not_colours():
 
 
 def test_an_unbuilt_dataset_names_its_build_command(tmp_path):
-  with pytest.raises(ip.DatasetNotBuiltError) as e:
-    ip.open_source('my_city', 'val', str(tmp_path))
+  with pytest.raises(sources.DatasetNotBuiltError) as e:
+    sources.open_source('my_city', 'val', str(tmp_path))
   assert ('python -m data_prep.build --dataset folder --name my_city '
           '--manual_dir FOLDER') in str(e.value)
-  with pytest.raises(ip.DatasetNotBuiltError) as e:
-    ip.open_source('acdc/fog', 'train', str(tmp_path))
+  with pytest.raises(sources.DatasetNotBuiltError) as e:
+    sources.open_source('acdc/fog', 'train', str(tmp_path))
   assert '--dataset acdc --config fog' in str(e.value)

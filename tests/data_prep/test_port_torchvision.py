@@ -11,9 +11,9 @@ import pytest
 import torch
 import torchvision
 
+from benchmarks import torch_reference as ref
 from spcl_jax.models import create_model, load_pretrained
 from spcl_jax.models import porting
-from tests import torch_reference as ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 

@@ -13,8 +13,8 @@ from PIL import Image
 
 from data_prep import builders
 from data_prep import segmentation_builder
-from spcl_jax import input_pipeline as ip
-from spcl_jax import labels as label_table
+from spcl_jax.core import labels as label_table
+from spcl_jax.data import sources
 
 RNG = np.random.RandomState(0)
 
@@ -50,7 +50,7 @@ def _cityscapes_ids(shape, seed):
 
 
 def _read_split(data_dir, dataset, split):
-  source = ip.open_source(dataset, split, data_dir)
+  source = sources.open_source(dataset, split, data_dir)
   return {r['image_id'].decode(): (r['image'], r['label'][..., 0])
           for r in source}
 
@@ -58,7 +58,7 @@ def _read_split(data_dir, dataset, split):
 def _metadata(data_dir, dataset):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   return tfds.builder_from_directory(
-      ip.dataset_directory(dataset, data_dir)).info.metadata
+      sources.dataset_directory(dataset, data_dir)).info.metadata
 
 
 # ------------------------------------------------------------------- GTA5 --
@@ -147,8 +147,8 @@ def test_unreadable_files_fail_naming_each_and_leave_no_dataset(tmp_path):
   assert 'images/00002.png' in str(e.value)
   assert 'labels/00004.png' in str(e.value)
   assert '--skip_corrupt' in str(e.value)
-  with pytest.raises(ip.DatasetNotBuiltError):  # nothing a reader accepts
-    ip.open_source('gta5', 'train', str(tmp_path / 'out'))
+  with pytest.raises(sources.DatasetNotBuiltError):  # nothing a reader accepts
+    sources.open_source('gta5', 'train', str(tmp_path / 'out'))
   builders.build('gta5', str(tmp_path / 'skip'), manual_dir=str(root),
                  skip_corrupt=True)
   records = _read_split(str(tmp_path / 'skip'), 'gta5', 'train')

@@ -8,8 +8,8 @@ import tensorflow_datasets as tfds
 
 from data_prep import builders
 from data_prep import sim2real_render
-from spcl_jax import evaluation
-from spcl_jax import labels as label_table
+from spcl_jax.core import labels as label_table
+from spcl_jax.core import metrics
 
 
 def _record_files(root):
@@ -77,12 +77,12 @@ def test_neither_domain_is_solvable_by_colour_alone(domain, split):
   pairs = [sim2real_render.render([0, split, i], domain, 128, 256)
            for i in range(100)]
   images, labels = (np.stack(x) for x in zip(*pairs))
-  result = evaluation.colour_only_miou(images, labels)
+  result = metrics.colour_only_miou(images, labels)
   assert result['miou'] <= 45.0, result['per_class_iou']
   # the classifier itself works: a split painted in one flat colour per
   # class is solved exactly by it
   flat = label_table.PALETTE[np.minimum(labels, 18)]
-  assert evaluation.colour_only_miou(flat, labels)['miou'] == pytest.approx(
+  assert metrics.colour_only_miou(flat, labels)['miou'] == pytest.approx(
       100.0)
 
 
@@ -95,7 +95,7 @@ def test_colour_only_classifier_by_hand():
   label[0, 60_000:] = 1
   image[0, 60_000:80_000] = (250, 0, 0)
   image[0, 80_000:] = (0, 0, 250)
-  result = evaluation.colour_only_miou(image, label)
+  result = metrics.colour_only_miou(image, label)
   # class 0: 60k px right, 20k class-1 px predicted 0 -> IoU 60/80
   # class 1: 20k px right of 40k -> IoU 20/40 (scored on a random half)
   assert result['per_class_iou']['road'] == pytest.approx(75.0, abs=0.5)

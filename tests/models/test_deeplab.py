@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks import torch_reference as ref
 from spcl_jax.models import ASPPv2, create_model, init_variables, MODELS
-from tests import torch_reference as ref
 
 
 def test_aspp_v2_sums_four_dilated_convs_like_torch():

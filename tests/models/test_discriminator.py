@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import torch
 
+from benchmarks import torch_reference as ref
 from spcl_jax.models import Discriminator
-from tests import torch_reference as ref
 
 
 def test_discriminator_matches_torch_reference():

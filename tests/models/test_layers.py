@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from spcl_jax import sharding
+from spcl_jax.core import mesh as mesh_lib
 from spcl_jax.models import create_model, init_variables
 from spcl_jax.models.layers import BatchNorm
 
@@ -83,9 +83,9 @@ def test_trainable_batchnorm_uses_global_batch_when_sharded():
     return out['logits'], updates['batch_stats']
 
   single_logits, single_stats = jax.jit(step)(variables, images)
-  mesh = sharding.make_mesh()
-  sharded = jax.device_put(images, sharding.batch_sharding(mesh))
-  replicated = jax.device_put(variables, sharding.replicated(mesh))
+  mesh = mesh_lib.make_mesh()
+  sharded = jax.device_put(images, mesh_lib.batch_sharding(mesh))
+  replicated = jax.device_put(variables, mesh_lib.replicated(mesh))
   multi_logits, multi_stats = jax.jit(step)(replicated, sharded)
   assert len(sharded.sharding.device_set) == 8
   np.testing.assert_allclose(multi_logits, single_logits, rtol=1e-4,

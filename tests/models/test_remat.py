@@ -8,7 +8,7 @@ import pytest
 
 from spcl_jax import models
 from spcl_jax.models import resnet
-from tests.test_micro_batches import random_like
+from tests.core.test_micro_batches import random_like
 
 # XLA:CPU compiles these tiny models ~3x faster without its expensive LLVM
 # passes; both models of a comparison are compiled alike.
@@ -93,12 +93,12 @@ def test_remat_gives_the_plain_models_values_and_gradients(kind, blocks,
 
 def test_config_remat_reaches_every_backbone():
   from configs import default  # pylint: disable=g-import-not-at-top
-  from spcl_jax import train  # pylint: disable=g-import-not-at-top
+  from spcl_jax.models import from_config  # pylint: disable=g-import-not-at-top
   config = default.get_config()
   config.model.remat = 'blocks'
   for name in models.MODELS:
     config.model.name = name
-    assert train.model_for_stage(config, False).backbone.remat == 'blocks'
+    assert from_config.model_for_stage(config, False).backbone.remat == 'blocks'
 
 
 def test_unknown_remat_is_refused():

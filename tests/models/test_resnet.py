@@ -6,9 +6,9 @@ import pytest
 import torch
 import torchvision
 
+from benchmarks import torch_reference as ref
 from spcl_jax.models import porting
 from spcl_jax.models import resnet
-from tests import torch_reference as ref
 
 TOLERANCE = 1e-4  # max abs error relative to the output's max magnitude
 

@@ -5,9 +5,9 @@ import numpy as np
 import torch
 import torchvision
 
+from benchmarks import torch_reference as ref
 from spcl_jax.models import porting
 from spcl_jax.models import vgg
-from tests import torch_reference as ref
 
 
 def test_vgg16_trunk_matches_modified_torchvision_features():

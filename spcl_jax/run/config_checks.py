@@ -1,0 +1,344 @@
+"""A run's config: the semantic checks made before anything is compiled
+(`validate`), its JSON form, and the check that a resumed workdir was
+started with the same config (`check_workdir_config`)."""
+
+import json
+import os
+
+import jax
+import ml_collections
+
+from spcl_jax.core import labels as label_table
+from spcl_jax.core import train_steps
+from spcl_jax.data import resize
+from spcl_jax.data import sources
+from spcl_jax.data import transforms
+from spcl_jax.infra import storage
+from spcl_jax.infra import workdir as workdir_lib
+from spcl_jax import models
+from spcl_jax.models import layers
+from spcl_jax.run import builds
+from spcl_jax.run import context
+from spcl_jax.run import pass_stages
+from spcl_jax.run import released
+from spcl_jax.run import stage_graph
+from spcl_jax.run import stage_outputs
+
+
+# Config keys that may differ when a workdir is resumed.
+_RESUMABLE_CHANGES = ('stages_to_run', 'testing.', 'data.data_dir',
+                      'log_every_steps', 'evaluation.dashboard_images',
+                      'model.remat',   # the same gradients, less memory
+                      # when and how batches are read, not which ones; where
+                      # several processes may stop, not what they compute
+                      'data.device_prefetch', 'data.read_threads',
+                      'data.read_ahead', 'max_steps_in_flight',
+                      'checkpoint.preemption_check_every_steps')
+# Fields added after workdirs were written, with the value that reproduces
+# what those workdirs ran: absent there and this value here is no change.
+_ADDED_FIELDS = {'model.remat': 'none', 'micro_batches': 1,
+                 'color_jitter_implementation': 'float'}
+
+
+# `testing.transfer_guard`: '' (none) or a jax.transfer_guard level.
+TRANSFER_GUARD_LEVELS = ('', 'allow', 'log', 'disallow', 'log_explicit',
+                         'disallow_explicit')
+
+
+class ConfigMismatchError(ValueError):
+  pass
+
+
+def memory_config_problems(config, num_devices: int) -> list:
+  """What is wrong with `model.remat` and the training stages'
+  `micro_batches` (each must divide every per-device batch its step
+  splits); empty when nothing is. Checked before anything is compiled."""
+  problems = []
+  problem = models.remat_problem(config.model.name,
+                                 config.model.get('remat', 'none'))
+  if problem:
+    problems.append(problem)
+  for name in stage_graph.TRAINING_STAGES:
+    stage = config.stages[name]
+    k = stage.get('micro_batches', 1)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+      problems.append(f'stages.{name}.micro_batches = {k!r} must be an '
+                      'integer >= 1 (1: no gradient accumulation)')
+      continue
+    for key in train_steps.split_batch_fields(name, stage):
+      size = stage[key]
+      if size <= 0 or size % num_devices:
+        continue  # reported by the batch-size check
+      if (size // num_devices) % k:
+        problems.append(
+            f'stages.{name}.micro_batches = {k} does not divide the '
+            f'per-device batch of stages.{name}.{key} = {size} on '
+            f'{num_devices} devices ({size // num_devices} per device)')
+  return problems
+
+
+# ------------------------------------------------------------------ checks --
+
+def validate(config: ml_collections.ConfigDict,
+             num_devices: int | None = None,
+             stages: tuple = stage_graph.STAGES) -> None:
+  """Semantic checks that fail before anything is compiled (batch sizes
+  against `num_devices`, default: every device of every process; stage
+  names against `stages`)."""
+  problems = list(released.conflicts(config))
+  if config.chain_model not in stage_outputs.CHAIN_MODELS:
+    problems.append(f'chain_model: {config.chain_model!r}, expected one of '
+                    f'{stage_outputs.CHAIN_MODELS}')
+  if config.model.layer_init not in layers.LAYER_INITS:
+    problems.append(f'model.layer_init: {config.model.layer_init!r}, '
+                    f'expected one of {layers.LAYER_INITS}')
+  if config.model.frozen_bn_epsilon < 0:
+    problems.append(f'model.frozen_bn_epsilon = '
+                    f'{config.model.frozen_bn_epsilon} must be >= 0')
+  if config.data.color_jitter_implementation not in transforms.COLOR_JITTERS:
+    problems.append(f'data.color_jitter_implementation: '
+                    f'{config.data.color_jitter_implementation!r}, expected '
+                    f'one of {sorted(transforms.COLOR_JITTERS)}')
+  if config.data.image_interpolation not in resize.INTERPOLATIONS:
+    problems.append(f'data.image_interpolation: '
+                    f'{config.data.image_interpolation!r}, expected one of '
+                    f'{sorted(resize.INTERPOLATIONS)}')
+  if not (isinstance(config.seed, int)
+          and 0 <= config.seed < context.SEED_LIMIT):
+    problems.append(f'seed = {config.seed!r} must be an integer in '
+                    f'[0, {context.SEED_LIMIT})')
+  for name in config.stages_to_run:
+    if name not in {s.name for s in stages}:
+      problems.append(f'stages_to_run: unknown stage {name!r} (known: '
+                      f'{[s.name for s in stages]})')
+  blockless = [s.name for s in stages if s.name not in config.stages]
+  if blockless:   # the checks below read every stage's block
+    raise ValueError(f'invalid config: no block stages.<name> for the '
+                     f'stages {blockless} (each stage needs one of its '
+                     'kind, e.g. a copy of stages.self_training)')
+  if config.model.name not in models.MODELS:
+    problems.append(f'model.name: unknown model {config.model.name!r} '
+                    f'(known: {sorted(models.MODELS)})')
+  if config.model.dtype not in ('float32', 'bfloat16'):
+    problems.append(f"model.dtype: {config.model.dtype!r}, expected "
+                    "'float32' or 'bfloat16'")
+  space = config.data.label_space
+  if space not in label_table.LABEL_SPACES:
+    problems.append(f'data.label_space: {space!r}, expected one of '
+                    f'{sorted(label_table.LABEL_SPACES)}')
+  elif config.model.num_classes != len(label_table.LABEL_SPACES[space]):
+    problems.append(f'model.num_classes = {config.model.num_classes} but '
+                    f'data.label_space {space!r} has '
+                    f'{len(label_table.LABEL_SPACES[space])} classes')
+  for class_set in config.evaluation.class_sets:
+    try:
+      label_table.class_set_indices(class_set, space)
+    except ValueError as e:
+      problems.append(f'evaluation.class_sets: {e}')
+  images = config.evaluation.dashboard_images
+  if not (isinstance(images, int) and images >= 0):
+    problems.append(f'evaluation.dashboard_images = {images!r} must be an '
+                    'integer >= 0 (0: no images)')
+  if config.stages.spcl.target_mask not in ('offline', 'online'):
+    problems.append(f"stages.spcl.target_mask: "
+                    f"{config.stages.spcl.target_mask!r}, expected 'offline' "
+                    "or 'online'")
+  for name in [s.name for s in stages if s.kind == 'pseudo_labels']:
+    if config.stages[name].labels_from not in pass_stages.LABEL_SOURCES:
+      problems.append(f"stages.{name}.labels_from: "
+                      f"{config.stages[name].labels_from!r}, expected one "
+                      f"of {pass_stages.LABEL_SOURCES}")
+    quantile = config.stages[name].threshold_quantile
+    if not 0.0 < quantile < 1.0:
+      problems.append(f'stages.{name}.threshold_quantile = {quantile}, '
+                      'expected a fraction in (0, 1) (0.5: the median)')
+  if config.stages.spcl.prototype_update not in ('after_loss', 'before_loss'):
+    problems.append(f"stages.spcl.prototype_update: "
+                    f"{config.stages.spcl.prototype_update!r}, expected "
+                    "'after_loss' or 'before_loss'")
+  if config.stages.self_training.source_weight < 0:
+    problems.append('stages.self_training.source_weight = '
+                    f'{config.stages.self_training.source_weight} must be '
+                    '>= 0 (the weight of the source cross-entropy)')
+  every = config.checkpoint.preemption_check_every_steps
+  if not (isinstance(every, int) and every >= 1):
+    problems.append(f'checkpoint.preemption_check_every_steps = {every!r} '
+                    'must be an integer >= 1')
+  prefetch = config.data.device_prefetch
+  if not (isinstance(prefetch, int) and prefetch >= 0):
+    problems.append(f'data.device_prefetch = {prefetch!r} must be an '
+                    'integer >= 0 (0: no prefetching)')
+  read_ahead, read_threads = config.data.read_ahead, config.data.read_threads
+  if not (isinstance(read_ahead, int) and read_ahead >= 1):
+    problems.append(f'data.read_ahead = {read_ahead!r} must be an integer '
+                    '>= 1 (records each stream of each worker reads ahead)')
+  if not (isinstance(read_threads, int) and read_threads >= 0):
+    problems.append(f'data.read_threads = {read_threads!r} must be an '
+                    'integer >= 0 (0: read in the stream\'s own thread)')
+  in_flight = config.max_steps_in_flight
+  if not (isinstance(in_flight, int) and in_flight >= 0):
+    problems.append(f'max_steps_in_flight = {in_flight!r} must be an '
+                    'integer >= 0 (0: no bound)')
+  if config.testing.transfer_guard not in TRANSFER_GUARD_LEVELS:
+    problems.append(f'testing.transfer_guard: '
+                    f'{config.testing.transfer_guard!r}, expected one of '
+                    f'{TRANSFER_GUARD_LEVELS}')
+  if config.data.source_scale_range and not config.data.source_crop_size:
+    problems.append('data.source_scale_range = '
+                    f'{tuple(config.data.source_scale_range)} needs '
+                    'data.source_crop_size (scaled sources are cropped)')
+  devices = jax.device_count() if num_devices is None else num_devices
+  batch_keys = (('warmup', 'source_batch_size'), ('warmup',
+                                                  'target_batch_size'),
+                ('spcl', 'source_batch_size'), ('spcl', 'target_batch_size'),
+                ('self_training', 'target_batch_size'),
+                ('prototypes', 'batch_size'), ('pseudo_labels', 'batch_size'),
+                ('pseudo_labels_2', 'batch_size'))
+  if config.stages.self_training.source_batch_size:  # 0: target only
+    batch_keys += (('self_training', 'source_batch_size'),)
+  # each a copy of its kind's block
+  for extra in stages[len(stage_graph.STAGES):]:
+    batch_keys += ((extra.name, 'target_batch_size')
+                   if extra.kind == 'train' else (extra.name, 'batch_size'),)
+  for stage, key in batch_keys:
+    value = config.stages[stage][key]
+    if value <= 0 or value % devices:
+      problems.append(f'stages.{stage}.{key} = {value} must be a positive '
+                      f'multiple of the {devices} devices')
+  problems.extend(memory_config_problems(config, devices))
+  if config.data.eval_batch_size % devices:
+    problems.append(f'data.eval_batch_size = {config.data.eval_batch_size} '
+                    f'must be a multiple of the {devices} devices')
+  for name in [s.name for s in stages if s.kind == 'train']:
+    stage = config.stages[name]
+    if not 0 < stage.steps <= stage.schedule_steps:
+      problems.append(f'stages.{name}: need 0 < steps ({stage.steps}) <= '
+                      f'schedule_steps ({stage.schedule_steps})')
+  if problems:
+    raise ValueError('invalid config:\n  ' + '\n  '.join(problems))
+
+
+def datasets_read(config, stages: tuple = stage_graph.STAGES) -> list:
+  """(dataset field, split field) of `config.data` for every split that the
+  stages of `stages` in `config.stages_to_run` read, without repeats: a
+  training stage its source and target streams and the validation split,
+  the prototype stage the source, a pseudo-label stage the target."""
+  source, target = ('source', 'source_split'), ('target', 'target_split')
+  read = []
+  for stage in stages:
+    if stage.name not in config.stages_to_run:
+      continue
+    cfg = config.stages[stage.name]
+    if stage.kind == 'prototypes':
+      read.append(source)
+    elif stage.kind == 'pseudo_labels':
+      read.append(target)
+    else:
+      if stage.step != 'self_training' or cfg.source_batch_size:
+        read.append(source)
+      if stage.step != 'warmup' or cfg.adversarial_weight > 0:
+        read.append(target)
+      read.append(('target', 'val_split'))
+  return list(dict.fromkeys(read))
+
+
+def check_datasets(config, workdir: str,
+                   stages: tuple = stage_graph.STAGES) -> None:
+  """Refuses a run whose data is missing before anything is written or set
+  up: every split that the unfinished stages to run read (`datasets_read`)
+  must be built in `data.data_dir`, or be one of the demo's, which the run
+  builds (`data.build_if_missing`) into a local `data.data_dir` (not into a
+  `gs://` one: TFDS's ArrayRecord writer writes local files only). Raises
+  `sources.DatasetNotBuiltError` (naming the dataset, the folder
+  looked in and the build command), or a ValueError naming the config
+  fields and the splits the dataset has."""
+  data = config.data
+  data_dir = sources.data_dir_path(data.data_dir)
+  unfinished = tuple(s for s in stages if not storage.exists(
+      os.path.join(workdir, s.name, 'done.json')))
+  for field, split_field in datasets_read(config, unfinished):
+    dataset, split = data[field], data[split_field]
+    try:
+      directory = sources.dataset_directory(dataset, data_dir)
+    except sources.DatasetNotBuiltError:
+      splits = (builds.demo_splits(field, dataset) if data.build_if_missing
+                else None)
+      if splits is None:
+        raise
+      if storage.is_remote(data_dir):   # a build writes local files
+        raise sources.DatasetNotBuiltError(
+            f'data.data_dir = {data_dir!r}: dataset {dataset!r} is not built '
+            'there, and a run builds it into a local data_dir only; build it '
+            'into a local data_dir and copy it up: '
+            f'{sources.build_command(dataset, data_dir)}') from None
+      where = 'built by this run'
+    else:
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      splits = sorted(tfds.builder_from_directory(directory).info.splits)
+      where = f'in {directory}'
+    if split not in splits:
+      raise ValueError(f'data.{split_field} = {split!r}: dataset {dataset!r} '
+                       f'(data.{field}, {where}) has no such split; it has '
+                       f'{splits}')
+
+
+def flatten(config: dict, prefix: str = '') -> dict:
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def config_to_json(config) -> dict:
+  return json.loads(json.dumps(config.to_dict(), default=list))
+
+
+def _added_with_old_value(key: str, old: dict, new: dict) -> bool:
+  return key not in old and any(
+      (key == field or key.endswith('.' + field)) and new.get(key) == value
+      for field, value in _ADDED_FIELDS.items())
+
+
+def _read_workdir_config(path: str) -> dict:
+  """DIR/config.json as a dict, or a ConfigMismatchError naming the file
+  and what to do when it is not the JSON object our runs write."""
+  try:
+    previous = json.loads(storage.read_bytes(path))
+  except ValueError as e:   # not JSON, not UTF-8
+    problem = f'is not JSON ({e})'
+  else:
+    if isinstance(previous, dict):
+      return previous
+    problem = f'holds a {type(previous).__name__}, not a JSON object'
+  raise ConfigMismatchError(
+      f'{path} {problem}: it records the config this workdir was started '
+      'with. Restore it, delete it to resume with the current config (it is '
+      'written again), or use a new --workdir.')
+
+
+def check_workdir_config(config, workdir: str,
+                         allow_config_change: bool) -> None:
+  """Refuses to resume a workdir written by a different config."""
+  path = os.path.join(workdir, 'config.json')
+  current = config_to_json(config)
+  if storage.exists(path):
+    previous = _read_workdir_config(path)
+    old, new = flatten(previous), flatten(current)
+    differing = sorted(
+        key for key in set(old) | set(new)
+        if old.get(key) != new.get(key)
+        and not any(key == p or key.startswith(p) for p in _RESUMABLE_CHANGES)
+        and not _added_with_old_value(key, old, new))
+    if differing and not allow_config_change:
+      lines = [f'  {key}: {old.get(key, "<absent>")!r} -> '
+               f'{new.get(key, "<absent>")!r}' for key in differing]
+      raise ConfigMismatchError(
+          f'{workdir} was started with a different config:\n'
+          + '\n'.join(lines) + '\nUse a new --workdir, or pass '
+          '--allow_config_change to resume with the new values.')
+  if jax.process_index() == 0:
+    workdir_lib.write_json(path, current)
+  workdir_lib.crash_after_write(config, 'config.json')
