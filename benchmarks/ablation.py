@@ -85,7 +85,7 @@ _EXTRA = flags.DEFINE_multi_string(
     'extra_row', [], 'NAME=BASE_ROW:FIELD=VALUE[;FIELD=VALUE...], e.g. '
     'tau_10=spcl_stage:stages.spcl.temperature=10.0')
 
-TRAIN_STAGES = ('warmup', 'spcl', 'self_training')
+TRAIN_STAGES = stage_graph.TRAINING_STAGES
 ALL_STAGES = tuple(s.name for s in stage_graph.STAGES)
 THROUGH_SPCL = ALL_STAGES[:ALL_STAGES.index('spcl') + 1]
 

@@ -49,6 +49,7 @@ from data_prep import fake_downloads
 from spcl_jax.infra import flag_errors
 from spcl_jax.infra import process_tree
 from spcl_jax.infra import xla_flags
+from spcl_jax.run import stage_graph
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'fakes, built data and the '
                                'run go here')
@@ -86,7 +87,6 @@ SMALL_MACHINE = {
     'stages.self_training.target_batch_size': 1,
     'evaluation.dashboard_images': 1,
 }
-TRAINING_STAGES = ('warmup', 'spcl', 'self_training')
 STAGE_LINE = re.compile(r'^\d\d:\d\d:\d\d (\w+): starting$')
 STEP_LINE = re.compile(r'^\d\d:\d\d:\d\d (\w+): step (\d+)/\d+ ')
 PASS_LINE = re.compile(r'^\d\d:\d\d:\d\d (\w+): (\S+(?: \w+)?) (\d+) images '
@@ -136,7 +136,7 @@ def run_overrides(data_dir: str, pretrained_dir: str) -> list[str]:
             'model.base_width': _BASE_WIDTH.value,
             'model.pretrained_dir': pretrained_dir,
             'log_every_steps': 1, **SMALL_MACHINE}
-  for stage in TRAINING_STAGES:
+  for stage in stage_graph.TRAINING_STAGES:
     fields.update({f'stages.{stage}.steps': steps,
                    f'stages.{stage}.schedule_steps': steps,
                    f'stages.{stage}.eval_every_steps': steps})
