@@ -13,7 +13,8 @@ config's image and batch sizes for the config's own setting and the two
 most likely to fit a small device (bfloat16 with remat at 2 and 4
 micro-batches); `--grid` compiles every float32 / bfloat16 x
 `micro_batches` 1 / 2 / 4 x `model.remat` none / blocks combination (12 per
-stage).
+stage); `--settings=float32/1/groups,bfloat16/1/blocks` compiles those
+(DTYPE/MICRO_BATCHES/REMAT) instead.
 
 `--topology=NAME` (e.g. `v5e:2x2`, `v5e:4x4`, `v4:2x2x2`; needs
 `pip install -r requirements-tpu-compile.txt`) compiles each step with
@@ -23,7 +24,9 @@ replicated (`spcl_jax/run/aot_compile.py`). It prints per chip the peak
 memory (`compiled.memory_analysis()`: arguments + outputs - donated aliases
 + temporaries), the FLOPs of one step (`cost_analysis()`), the bytes the
 collectives return (read from the compiled HLO: the cost analysis gives
-none), the compile time and whether the chip's HBM holds it. A global batch
+none), the compile time and whether the chip's HBM holds it (a step too
+large for it is refused by libtpu: its row says `>HBM` and quotes the
+compiler). A global batch
 that does not split over the chips is refused with the `--batch_scale`
 that makes it split (`--batch_scale=K` multiplies every training batch: 4
 on `v5e:4x4` keeps the recipe's per-chip batch of `v5e:2x2`).
@@ -54,6 +57,7 @@ import jax
 from ml_collections import config_flags
 
 from spcl_jax.infra import flag_errors
+from spcl_jax.models import REMAT_MODES
 from spcl_jax.run import aot_compile
 from spcl_jax.run import config_checks
 from spcl_jax.run import stage_graph
@@ -64,18 +68,37 @@ TPU_HBM_GIB = {'TPU v4': 32, 'TPU v5 lite': 16, 'TPU v5': 95,
                'TPU v6 lite': 32}
 DTYPES = ('float32', 'bfloat16')
 MICRO_BATCHES = (1, 2, 4)
-REMATS = ('none', 'blocks')
+REMATS = ('none', 'blocks')  # of --grid ('groups': name it in --settings)
 GIB = 2**30
 
 
-def settings(config, grid: bool) -> list:
-  """(dtype, micro_batches, remat) to compile for each stage: the config's
-  own first (micro_batches from the stage, filled in by the caller as
-  None)."""
+def settings(config, grid: bool, chosen=()) -> list:
+  """(dtype, micro_batches, remat) to compile for each stage: `chosen`
+  (parsed `--settings`) if any, else the config's own first (micro_batches
+  from the stage, filled in by the caller as None)."""
+  if chosen:
+    return list(chosen)
   if grid:
     return list(itertools.product(DTYPES, MICRO_BATCHES, REMATS))
   return [(config.model.dtype, None, config.model.remat),
           ('bfloat16', 2, 'blocks'), ('bfloat16', 4, 'blocks')]
+
+
+def parse_settings(values) -> list:
+  """`--settings` (DTYPE/MICRO_BATCHES/REMAT each) as (dtype,
+  micro_batches, remat) tuples; ValueError naming the one that is not."""
+  parsed = []
+  for value in values:
+    parts = value.split('/')
+    if (len(parts) != 3 or parts[0] not in DTYPES or
+        not parts[1].isdigit() or int(parts[1]) < 1 or
+        parts[2] not in REMAT_MODES):
+      raise ValueError(
+          f'{value!r} is not DTYPE/MICRO_BATCHES/REMAT with DTYPE one of '
+          f'{", ".join(DTYPES)}, MICRO_BATCHES >= 1 and REMAT one of '
+          f'{", ".join(REMAT_MODES)} (e.g. bfloat16/2/blocks)')
+    parsed.append((parts[0], int(parts[1]), parts[2]))
+  return parsed
 
 
 def scaled(config, factor: int):
@@ -151,7 +174,8 @@ def _fail(flag: str, message: str) -> None:
 def _configs(base, stage_name: str, devices: int):
   """(config, dtype, micro_batches, remat, config problems) of each
   setting of stage `stage_name` to compile on `devices` devices."""
-  for dtype, k, remat in settings(base, flags.FLAGS.grid):
+  chosen = parse_settings(flags.FLAGS.settings)
+  for dtype, k, remat in settings(base, flags.FLAGS.grid, chosen):
     config = base.copy_and_resolve_references()
     config.unlock()
     stage = config.stages[stage_name]
@@ -199,6 +223,10 @@ def run_topology(base, topology: str) -> None:
         continue
       cost = aot_compile.measure(
           aot_compile.lower_for_mesh(config, stage_name, mesh), _cache())
+      if cost.out_of_memory:
+        print(f'{row}{">HBM":>8} {"-":>9}  {_seconds(cost):>9}  no    '
+              f'libtpu: {cost.out_of_memory}', flush=True)
+        continue
       gib = cost.peak_bytes / GIB
       fits = '?' if hbm is None else ('yes' if gib <= hbm else 'no')
       print(f'{row}{gib:>8.3f} {cost.flops / 1e12:>9.3g}  '
@@ -242,6 +270,9 @@ def define_flags() -> None:
   flags.DEFINE_bool('grid', False, 'every dtype x micro_batches x '
                     'remat combination (default: the config\'s and '
                     'two settings for small devices)')
+  flags.DEFINE_list(
+      'settings', [], 'DTYPE/MICRO_BATCHES/REMAT settings to compile instead '
+      'of the default ones, e.g. float32/1/groups,bfloat16/2/blocks')
   flags.DEFINE_list('stages', list(stage_graph.TRAINING_STAGES),
                     'training stages to compile')
   flags.DEFINE_integer('devices', 1, 'without --topology: '
@@ -267,6 +298,10 @@ def main(argv):
     _fail(f'--stages={",".join(flags.FLAGS.stages)}',
           f'{", ".join(unknown)} not a training stage; use any of '
           f'{", ".join(stage_graph.TRAINING_STAGES)}')
+  try:
+    parse_settings(flags.FLAGS.settings)
+  except ValueError as e:
+    _fail(f'--settings={",".join(flags.FLAGS.settings)}', str(e))
   if flags.FLAGS.batch_scale < 1:
     _fail(f'--batch_scale={flags.FLAGS.batch_scale}', 'must be >= 1')
   base = scaled(flags.FLAGS.config, flags.FLAGS.batch_scale)

@@ -37,6 +37,16 @@ def _sgd(lr, steps, schedule_steps):
       # statistics (docs/performance.md, "Memory: micro-batches and
       # rematerialisation").
       'micro_batches': 1,
+      # How every pixel-averaged loss of the step (cross-entropies,
+      # contrastive terms) weighs its images. 0: the mean over the valid
+      # pixels of the whole global batch (an image with more valid pixels
+      # weighs more). n > 0: the mean over the valid pixels of each run of n
+      # consecutive images of the global batch, then the mean over the runs
+      # (each run weighs the same): the released code's per-GPU losses with
+      # gradients averaged over the GPUs (1 source + 1 target image per GPU
+      # in warm-up and SPCL, 2 target images in self-training). n must
+      # divide the step's global batches.
+      'images_per_loss_mean': 0,
   })
 
 
@@ -69,6 +79,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # ε of frozen BatchNorm: PyTorch's BatchNorm2d default; the released
       # code's frozen BatchNorm has none (0.0).
       'frozen_bn_epsilon': 1e-5,
+      # ε of BatchNorm where the released code runs nn.BatchNorm2d in eval
+      # mode: the prototype and pseudo-label passes, and the evaluation of a
+      # stage that trains BatchNorm (self-training). Warm-up and SPCL train
+      # and are evaluated with frozen_bn_epsilon; self-training trains with
+      # trainable BatchNorm's 1e-5.
+      'pass_bn_epsilon': 1e-5,
       # Initialisation of the fresh discriminator and VGG fc6/fc7: 'flax'
       # (kaiming-normal, zero bias) or 'torch' (PyTorch's defaults, released).
       'layer_init': 'flax',
@@ -109,6 +125,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # factors (the demo's recorded results;
       # spcl_jax.data.transforms.COLOR_JITTERS).
       'color_jitter_implementation': 'released',
+      # When the source's colour jitter (warm-up, SPCL) is applied:
+      # 'after_resize' (to the image resized to source_size: cheaper) or
+      # 'before_resize' (to the stored full-resolution image, then resized:
+      # the released order). Self-training jitters the stored image before
+      # its random scale either way.
+      'color_jitter_order': 'after_resize',
+      # How a random scale's size (each side times the scale; self-training,
+      # a cropped source) becomes an integer: 'round' to the nearest, or
+      # 'floor' (the released transforms' int()).
+      'scaled_size_rounding': 'round',
       # Geometric augmentation of the source in the warm-up and SPCL stages.
       # () / False: the released recipe (the image resized to source_size,
       # no crop, no flip). A crop size: the original image randomly scaled
@@ -116,6 +142,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'source_scale_range': (),
       'source_crop_size': (),
       'source_flip': False,
+      # Which source images the training stages read (warm-up, SPCL, and
+      # self-training's joint source): 'uniform', a seeded shuffle of every
+      # epoch; 'class_balanced', the released code's rule for GTA5 and
+      # SYNTHIA (configs/gta5.py, synthia.py): sub-epochs of
+      # `source_sampling_sub_epoch` draws, each picking class c with
+      # probability ∝ 1 / log(source_sampling_log_offset + share_c) and then
+      # the next source image containing c (spcl_jax/data/class_balanced.py;
+      # it needs the source's labels). The prototype pass always reads the
+      # source once in file order; the target is always uniform.
+      'source_sampling': 'uniform',
+      'source_sampling_sub_epoch': 3000,
+      'source_sampling_log_offset': 1.01,
       'worker_count': 4,
       # Each stream of each worker reads (decodes) records with `read_threads`
       # threads, at most `read_ahead` of them ahead of its transforms: host
@@ -256,19 +294,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def released(config) -> None:
-  """The `:released` variant: every behaviour of the released code
-  (spcl_jax.run.released.RELEASED)."""
+  """The `:released` variant: every field of spcl_jax.run.released.RELEASED
+  set to the released code's value (prototype update order and decay, the
+  best-on-val chain, bicubic resizes, PyTorch's layer initialisation
+  including the ASPP biases, frozen BatchNorm without ε and the passes'
+  with 1e-5, one loss mean per GPU's images, colour jitter before the
+  resize, truncated random-scale sizes). What it does not reproduce
+  (per-GPU prototype banks, unsaved prototypes, the exact in-memory median
+  at 512x1024) is listed in docs/released_code.md with its reason; the
+  source sampling is each recipe config's own."""
   released_lib.apply(config)
 
 
 def oracle(config) -> None:
   """The upper bound that measures the domain gap: the warm-up trained on
   the labelled target training split instead of the source (no adversarial
-  term, no source colour jitter)."""
+  term, no source colour jitter, uniform sampling)."""
   data = config.data
   data.source, data.source_split = data.target, data.target_split
   data.source_size = data.target_size
   data.source_color_jitter = ()
+  data.source_sampling = 'uniform'   # the target's own frequencies
   config.stages.warmup.adversarial_weight = 0.0
 
 

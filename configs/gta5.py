@@ -1,4 +1,5 @@
-"""GTA5 -> Cityscapes, DeepLab-v2 ResNet-101: the released recipe (SPEC §2).
+"""GTA5 -> Cityscapes, DeepLab-v2 ResNet-101: the released recipe (SPEC §2),
+with its class-balanced source sampling (`data.source_sampling`).
 
 Variants: `vgg16` (DeepLab-v2 VGG-16, paper Table 1; the SPEC gives no
 VGG-specific optimiser numbers, so the ResNet recipe's are kept),
@@ -22,6 +23,8 @@ def source_only(config):
 def get_config(arg=None):
   config = default.get_config()
   config.data.source = 'gta5'
+  # the release's class-balanced source sampling (data.source_sampling)
+  config.data.source_sampling = 'class_balanced'
   config.data.source_size = (720, 1280)
   config.evaluation.class_sets = (19,)
   return default.apply_arg(config, arg, {'vgg16': vgg16,

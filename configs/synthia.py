@@ -1,6 +1,7 @@
 """SYNTHIA-RAND-CITYSCAPES -> Cityscapes, DeepLab-v2 ResNet-101.
 
-Source images 1280x760 (paper Table 6). The released protocol: a 16-way
+Source images 1280x760 (paper Table 6), sampled class-balanced as in the
+release (`data.source_sampling`). The released protocol: a 16-way
 head over SYNTHIA's 16 classes; Cityscapes pixels of terrain, truck and train
 are ignored (neither trained on nor counted); mIoU over the 16 classes, with
 the 13-class subset reported beside it. Variants: `vgg16`, `source_only`,
@@ -14,6 +15,8 @@ from configs import gta5
 def get_config(arg=None):
   config = default.get_config()
   config.data.source = 'synthia'
+  # the release's class-balanced source sampling (data.source_sampling)
+  config.data.source_sampling = 'class_balanced'
   config.data.source_size = (760, 1280)
   config.data.label_space = 'synthia16'
   config.model.num_classes = 16

@@ -1,11 +1,16 @@
 """Every config builds, and gta5.py holds the released recipe (SPEC §2)."""
 
 import importlib
+import os
+import re
 
 import pytest
 
 from spcl_jax.run import config_checks
 from spcl_jax.run import pipeline
+from spcl_jax.run import released as released_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize('name,args', [
@@ -199,3 +204,25 @@ def test_colour_jitter_implementation_is_checked_and_reaches_the_pipeline():
   jitters = [op for op in loaders.transforms_of(specs['source_iterator'])
              if isinstance(op, transforms.ColorJitter)]
   assert [j.implementation for j in jitters] == ['released']
+
+
+def _released_table() -> list:
+  """The rows (cells) of docs/released_code.md's table."""
+  path = os.path.join(ROOT, 'docs', 'released_code.md')
+  with open(path, encoding='utf-8') as f:
+    lines = [line for line in f if line.startswith('| ')]
+  return [[cell.strip() for cell in line.strip().strip('|').split('|')]
+          for line in lines[1:]]   # after the header ('|---' is skipped)
+
+
+def test_the_released_table_names_every_released_field_and_value():
+  rows = _released_table()
+  assert rows and all(len(row) == 5 for row in rows), rows
+  restoring = [row[3] for row in rows]
+  for field, value in released_lib.RELEASED.items():
+    assert any(f'`{field}={value!r}`' in cell for cell in restoring), (
+        f'docs/released_code.md has no row restoring {field}={value!r}')
+  # every row names the field that restores the release, or says why none
+  for behaviour, _, _, field, why in rows:
+    names_field = re.search(r'`[a-z_.]+=[^`]+`', field)
+    assert names_field or (why and why != '–'), behaviour

@@ -2,11 +2,13 @@
 
 With `stages.<stage>.micro_batches = k` a step computes its global batch in
 k micro-batches one after the other (`jax.lax.scan`) and applies one update.
-Every loss is a mean over the pixels (or discriminator
-outputs) of the global batch, so each micro-batch contributes its mean
-weighted by its share of those pixels; prototype class sums and counts are
-summed over the micro-batches. With frozen BatchNorm the step therefore
-equals the k = 1 step up to float rounding. With trainable BatchNorm each
+Every loss is a mean over the pixels (or discriminator outputs) of the
+global batch, so each micro-batch contributes its mean weighted by its share
+of those pixels; with per-image loss weights (`images_per_loss_mean` > 0)
+the weights are computed from the whole global batch and travel with their
+images into the micro-batches. Prototype class sums and counts are summed
+over the micro-batches. With frozen BatchNorm the step therefore equals the
+k = 1 step up to float rounding. With trainable BatchNorm each
 micro-batch is normalised by its own batch statistics (not the global
 batch's), so the gradients differ from k = 1; the BN running statistics
 after the step are the mean over the micro-batches of those each
@@ -37,6 +39,14 @@ def split_micro_batches(batch, k: int):
                        f'{x.shape[0]} images')
     return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
   return jax.tree.map(split, batch)
+
+
+def merge_micro_batches(micro_batches):
+  """The inverse of `split_micro_batches`: every leaf [k, B / k, ...] ->
+  [B, ...] in the global batch's order."""
+  return jax.tree.map(
+      lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:]),
+      micro_batches)
 
 
 def sum_over_micro_batches(fn, micro_batches):

@@ -89,12 +89,15 @@ def upsample_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 
 def contrastive_loss(features: jax.Array, prototypes: jax.Array,
                      mask: jax.Array, temperature: float,
-                     ignore_index: int = IGNORE_INDEX) -> jax.Array:
+                     ignore_index: int = IGNORE_INDEX,
+                     image_weights: jax.Array | None = None) -> jax.Array:
   """Eq. 1/4/6: mean over valid pixels of CE(f·μ / τ, mask).
 
   features [..., N] (unnormalised; L2-normalised here), prototypes [C, N]
   (receive no gradient), mask int [...] with class ids or `ignore_index`.
   Returns a float32 scalar, 0 (not NaN, zero gradient) if no pixel is valid.
+  With `image_weights` [B] (features [B, ..., N]): Σ_b w_b Σ_pixels of b
+  CE instead of the mean (`image_loss_weights`).
   """
   _check(prototypes.ndim == 2, f'prototypes must be [C, N], got '
          f'{prototypes.shape}')
@@ -106,29 +109,66 @@ def contrastive_loss(features: jax.Array, prototypes: jax.Array,
   f = l2_normalize(features.astype(jnp.float32))
   mu = jax.lax.stop_gradient(prototypes.astype(jnp.float32))
   logits = jnp.einsum('...n,cn->...c', f, mu) / temperature
-  return _masked_cross_entropy(logits, mask, num_classes, ignore_index)
+  return _masked_cross_entropy(logits, mask, num_classes, ignore_index,
+                               image_weights)
 
 
-def _masked_cross_entropy(logits, labels, num_classes, ignore_index):
-  """Mean CE over pixels whose label is in [0, C) and not `ignore_index`."""
-  valid = valid_mask(labels, num_classes) & (labels != ignore_index)
+def _valid_pixels(labels, num_classes, ignore_index):
+  """True where a masked cross-entropy counts the pixel."""
+  return valid_mask(labels, num_classes) & (labels != ignore_index)
+
+
+def _masked_cross_entropy(logits, labels, num_classes, ignore_index,
+                          image_weights=None):
+  """Mean CE over pixels whose label is in [0, C) and not `ignore_index`;
+  with `image_weights` [B], Σ_b w_b (sum of image b's pixel CEs)."""
+  valid = _valid_pixels(labels, num_classes, ignore_index)
   safe = jnp.where(valid, labels, 0)
   log_z = jax.nn.logsumexp(logits, axis=-1)
   picked = jnp.take_along_axis(logits, safe[..., None].astype(jnp.int32),
                                axis=-1)[..., 0]
   per_pixel = jnp.where(valid, log_z - picked, 0.0)
+  if image_weights is not None:
+    _check(image_weights.shape == labels.shape[:1],
+           f'image_weights {image_weights.shape} do not match the '
+           f'{labels.shape[0]} images of labels {labels.shape}')
+    per_image = jnp.sum(per_pixel.reshape(labels.shape[0], -1), axis=1)
+    return jnp.sum(image_weights * per_image)
   return jnp.sum(per_pixel) / jnp.maximum(jnp.sum(valid), 1)
 
 
 def segmentation_loss(logits: jax.Array, labels: jax.Array,
                       temperature: float = 1.0,
-                      ignore_index: int = IGNORE_INDEX) -> jax.Array:
+                      ignore_index: int = IGNORE_INDEX,
+                      image_weights: jax.Array | None = None) -> jax.Array:
   """Pixel cross-entropy of logits [..., C] / temperature against labels
   [...] (the released code uses temperature 1.8 on upsampled source logits),
-  averaged over valid pixels; 0 when none is valid."""
+  averaged over valid pixels; 0 when none is valid. With `image_weights`
+  [B] (labels [B, ...]): Σ_b w_b Σ_pixels of b CE (`image_loss_weights`)."""
   _check_labels('labels', labels, logits.shape[:-1])
   logits = logits.astype(jnp.float32) / temperature
-  return _masked_cross_entropy(logits, labels, logits.shape[-1], ignore_index)
+  return _masked_cross_entropy(logits, labels, logits.shape[-1], ignore_index,
+                               image_weights)
+
+
+def image_loss_weights(labels: jax.Array, num_classes: int,
+                       images_per_mean: int,
+                       ignore_index: int = IGNORE_INDEX) -> jax.Array:
+  """float32 [B] weights w of labels [B, ...]'s images for which
+  Σ_b w_b (sum of image b's pixel losses) is the mean, over the runs of
+  `images_per_mean` consecutive images, of each run's mean over its valid
+  pixels: every run weighs the same whatever its number of valid pixels (a
+  run without any weighs 0 but still counts in the mean). The released
+  code's per-GPU losses with `images_per_mean` images per GPU, the
+  gradients averaged over the GPUs."""
+  _check(images_per_mean >= 1 and labels.shape[0] % images_per_mean == 0,
+         f'{images_per_mean} images per loss mean do not divide the batch '
+         f'of {labels.shape[0]} images')
+  valid = _valid_pixels(labels, num_classes, ignore_index)
+  counts = jnp.sum(valid.reshape(labels.shape[0], -1), axis=1)
+  runs = counts.reshape(-1, images_per_mean).sum(axis=1).astype(jnp.float32)
+  run_weights = 1.0 / (runs.shape[0] * jnp.maximum(runs, 1.0))
+  return jnp.repeat(run_weights, images_per_mean)
 
 
 def bce_with_logits(logits: jax.Array, target: float) -> jax.Array:

@@ -5,7 +5,11 @@ compiled once with `jax.jit` (state donated). Parameters, optimiser states
 and the prototype bank are replicated over the mesh, batches are sharded
 along it; class sums, counts, BN statistics and confusion matrices are
 therefore reductions over the global batch (XLA inserts the collectives).
-Gradient accumulation is `core.micro_batches`'.
+Gradient accumulation is `core.micro_batches`'. Every pixel-averaged loss
+is one mean over the global batch's valid pixels, or with
+`stages.<stage>.images_per_loss_mean` = n > 0 the mean of the means over
+runs of n images (`spcl.image_loss_weights`, the released code's per-GPU
+losses).
 """
 
 from typing import Callable
@@ -83,6 +87,30 @@ def _apply_updates(state, tx, grads, new_stats, **changes):
                        rng=jax.random.split(state.rng)[0], **changes)
 
 
+def images_per_loss_mean(stage) -> int:
+  """`stage.images_per_loss_mean`: 0 (every loss the mean over the valid
+  pixels of the global batch; also for a stage config without the field),
+  or n (the mean of the means over runs of n images)."""
+  return int(stage.get('images_per_loss_mean', 0))
+
+
+def loss_weights(labels, num_classes: int, images_per_mean: int):
+  """The image weights of a masked mean over `labels`' valid pixels
+  (`spcl.image_loss_weights`), or None for the global batch's pixel mean
+  (`images_per_mean` 0)."""
+  if not images_per_mean:
+    return None
+  return spcl.image_loss_weights(labels, num_classes, images_per_mean)
+
+
+def _share_or_one(labels, total, num_classes, weights):
+  """A micro-batch's share of a global pixel mean; 1 when the loss is
+  weighted per image (the weights already hold the global batch's)."""
+  if weights is not None:
+    return 1.0
+  return micro_batches.share(labels, total, num_classes)
+
+
 def _lr(stage, step):
   return train_state.poly_schedule(stage.lr, stage.schedule_steps, stage.poly_power)(step)
 
@@ -99,18 +127,23 @@ def make_warmup_step(model, discriminator, tx, d_tx, stage, disc_cfg
   collection = metrics_collection(WARMUP_METRICS)
   num_classes = model.num_classes
   k = micro_batches.micro_batch_count(stage)
+  per_mean = images_per_loss_mean(stage)
 
   def step(state: train_state.TrainState, source: Batch, target: Batch | None = None):
     trainable_stats = stage.bn_trainable and bool(state.batch_stats)
-    batches = {'source': source}
+    batches = {'source': source,
+               'seg_weights': loss_weights(source['label'], num_classes,
+                                           per_mean)}
     if adversarial:
       batches['target'] = target
     num_seg = micro_batches.num_valid(source['label'], num_classes)
 
     def micro_step(batch):  # this (micro-)batch's share of every sum
       source, target = batch['source'], batch.get('target')
+      seg_weights = batch['seg_weights']
       size = source['label'].shape[1:3]
-      seg_share = micro_batches.share(source['label'], num_seg, num_classes)
+      seg_share = _share_or_one(source['label'], num_seg, num_classes,
+                                seg_weights)
 
       def loss_fn(params):
         if adversarial:
@@ -122,8 +155,9 @@ def make_warmup_step(model, discriminator, tx, d_tx, stage, disc_cfg
                               stage.bn_trainable)
           tgt = None
         src_logits = spcl.upsample_bilinear(src['logits'], size)
-        seg = seg_share * spcl.segmentation_loss(src_logits, source['label'],
-                                                 stage.logit_temperature)
+        seg = seg_share * spcl.segmentation_loss(
+            src_logits, source['label'], stage.logit_temperature,
+            image_weights=seg_weights)
         if not adversarial:
           return seg, (seg, jnp.zeros(()), stats, None, None)
         src_prob = jax.nn.softmax(src_logits / stage.logit_temperature, -1)
@@ -193,6 +227,7 @@ def make_spcl_step(model, tx, stage, class_thresholds=None) -> Callable:
   collection = metrics_collection(SPCL_METRICS)
   num_classes = model.num_classes
   k = micro_batches.micro_batch_count(stage)
+  per_mean = images_per_loss_mean(stage)
   if stage.target_mask == 'online' and class_thresholds is None:
     raise ValueError("spcl.target_mask = 'online' needs class thresholds")
 
@@ -202,18 +237,30 @@ def make_spcl_step(model, tx, stage, class_thresholds=None) -> Callable:
     return (updated_bank if stage.prototype_update == 'before_loss'
             else state.prototype_bank).prototypes
 
+  def terms_weights(source_label, source_mask, target_mask):
+    """The image weights of L_seg, L_cl^s, L_cl^t (global batch), or
+    (None, None, None) for the global batch's pixel means."""
+    if not per_mean:
+      return (None, None, None)
+    return tuple(loss_weights(labels, num_classes, per_mean)
+                 for labels in (source_label, source_mask, target_mask))
+
   def loss_terms(src, tgt, source, source_mask, target_mask, prototypes,
-                 shares=(1.0, 1.0, 1.0)):
+                 shares=(1.0, 1.0, 1.0), weights=(None, None, None)):
     """L_seg, L_cl^s, L_cl^t and the loss of a (micro-)batch, each mean
-    weighted by its share of the global batch's mean (1 when k = 1)."""
+    weighted by its share of the global batch's mean (1 when k = 1), or
+    each a sum with the global batch's image `weights`."""
     src_logits = spcl.upsample_bilinear(src['logits'],
                                         source['label'].shape[1:3])
-    seg = shares[0] * spcl.segmentation_loss(src_logits, source['label'],
-                                             stage.logit_temperature)
+    seg = shares[0] * spcl.segmentation_loss(
+        src_logits, source['label'], stage.logit_temperature,
+        image_weights=weights[0])
     cl_s = shares[1] * spcl.contrastive_loss(
-        src['features'], prototypes, source_mask, stage.temperature)
+        src['features'], prototypes, source_mask, stage.temperature,
+        image_weights=weights[1])
     cl_t = shares[2] * spcl.contrastive_loss(
-        tgt['features'], prototypes, target_mask, stage.temperature)
+        tgt['features'], prototypes, target_mask, stage.temperature,
+        image_weights=weights[2])
     loss = seg + stage.contrastive_weight * (
         cl_s + stage.target_contrastive_weight * cl_t)
     return {'loss': loss, 'seg': seg, 'cl_s': cl_s, 'cl_t': cl_t}
@@ -245,7 +292,9 @@ def make_spcl_step(model, tx, stage, class_thresholds=None) -> Callable:
           class_thresholds=class_thresholds)
       bank = updated_bank(src['features'], source_mask)
       terms = loss_terms(src, tgt, source, source_mask, target_mask,
-                         prototypes_for_loss(state, bank))
+                         prototypes_for_loss(state, bank),
+                         weights=terms_weights(source['label'], source_mask,
+                                               target_mask))
       terms['source_fraction'] = mask_fraction(source_mask)
       terms['target_fraction'] = mask_fraction(target_mask)
       return terms['loss'], (terms, stats, bank)
@@ -292,19 +341,24 @@ def make_spcl_step(model, tx, stage, class_thresholds=None) -> Callable:
     num_seg = micro_batches.num_valid(source['label'], num_classes)
     num_source = micro_batches.num_valid(source_masks, num_classes)
     num_target = micro_batches.num_valid(target_masks, num_classes)
+    weights = terms_weights(
+        source['label'], micro_batches.merge_micro_batches(source_masks),
+        micro_batches.merge_micro_batches(target_masks))
+    weights = micro_batches.split_micro_batches(weights, k)
 
     def micro_step(batch):
-      source, target, source_mask, target_mask = batch
+      source, target, source_mask, target_mask, weights = batch
+      shares = (1.0, 1.0, 1.0) if per_mean else (
+          micro_batches.share(source['label'], num_seg, num_classes),
+          micro_batches.share(source_mask, num_source, num_classes),
+          micro_batches.share(target_mask, num_target, num_classes))
 
       def loss_fn(params):
         src, tgt, stats = _forward_pair(model, state, params,
                                         source['image'], target['image'],
                                         stage.bn_trainable)
         terms = loss_terms(src, tgt, source, source_mask, target_mask,
-                           prototypes, shares=(
-                               micro_batches.share(source['label'], num_seg, num_classes),
-                               micro_batches.share(source_mask, num_source, num_classes),
-                               micro_batches.share(target_mask, num_target, num_classes)))
+                           prototypes, shares=shares, weights=weights)
         return terms['loss'], (terms, stats)
 
       (_, (terms, stats)), grads = jax.value_and_grad(
@@ -317,7 +371,7 @@ def make_spcl_step(model, tx, stage, class_thresholds=None) -> Callable:
       return out
 
     total = micro_batches.sum_over_micro_batches(
-        micro_step, (sources, targets, source_masks, target_masks))
+        micro_step, (sources, targets, source_masks, target_masks, weights))
     grads = total['grads']
     new_state = _apply_updates(state, tx, grads,
                                total.get('stats', state.batch_stats),
@@ -335,17 +389,24 @@ def make_self_training_step(model, tx, stage) -> Callable:
   collection = metrics_collection(SELF_TRAINING_METRICS)
   num_classes = model.num_classes
   k = micro_batches.micro_batch_count(stage)
+  per_mean = images_per_loss_mean(stage)
 
   def step(state: train_state.TrainState, target: Batch, source: Batch | None = None):
     trainable_stats = stage.bn_trainable and bool(state.batch_stats)
-    batches = {'target': target}
+    batches = {'target': target,
+               'target_weights': loss_weights(target['label'], num_classes,
+                                              per_mean)}
     num_target = micro_batches.num_valid(target['label'], num_classes)
     if source is not None:
       batches['source'] = source
+      batches['source_weights'] = loss_weights(source['label'], num_classes,
+                                               per_mean)
       num_source = micro_batches.num_valid(source['label'], num_classes)
 
     def micro_step(batch):
       target, source = batch['target'], batch.get('source')
+      target_weights = batch['target_weights']
+      source_weights = batch.get('source_weights')
 
       def loss_fn(params):
         if source is None:
@@ -356,16 +417,20 @@ def make_self_training_step(model, tx, stage) -> Callable:
           src, tgt, stats = _forward_pair(model, state, params,
                                           source['image'], target['image'],
                                           stage.bn_trainable)
-          source_loss = micro_batches.share(source['label'], num_source, num_classes) * (
+          source_loss = _share_or_one(source['label'], num_source,
+                                      num_classes, source_weights) * (
               spcl.segmentation_loss(
                   spcl.upsample_bilinear(src['logits'],
                                          source['label'].shape[1:3]),
-                  source['label'], stage.logit_temperature))
-        target_loss = micro_batches.share(target['label'], num_target, num_classes) * (
+                  source['label'], stage.logit_temperature,
+                  image_weights=source_weights))
+        target_loss = _share_or_one(target['label'], num_target, num_classes,
+                                    target_weights) * (
             spcl.segmentation_loss(
                 spcl.upsample_bilinear(tgt['logits'],
                                        target['label'].shape[1:3]),
-                target['label'], stage.logit_temperature))
+                target['label'], stage.logit_temperature,
+                image_weights=target_weights))
         loss = target_loss + stage.source_weight * source_loss
         return loss, (stats, target_loss, source_loss)
 

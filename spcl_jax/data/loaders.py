@@ -9,6 +9,9 @@ sharded over the mesh. Elements leave the transforms as
 "image_id": str, "valid": bool}`; `valid` is False only for padding in
 evaluation batches.
 
+A training stream's records are a seeded shuffle of every epoch, or the
+released code's class-balanced draws (`PipelineSpec.sampling`,
+class_balanced.py); either is a pure function of (seed, stream position).
 Randomness comes from grain's per-record generators, seeded by the sampler's
 seed and the record's position in the stream. The same seed gives the same
 global batches whatever the number of processes (each reads its slice of
@@ -28,11 +31,17 @@ import jax
 import numpy as np
 
 from spcl_jax.core import labels as label_table
+from spcl_jax.data import class_balanced
+from spcl_jax.data import class_statistics
 from spcl_jax.data import pseudo_labels
 from spcl_jax.data import sources
 from spcl_jax.data import transforms
 from spcl_jax.data import workers
 from spcl_jax.infra import console
+
+
+# `data.color_jitter_order` (PipelineSpec.color_jitter_order).
+COLOR_JITTER_ORDERS = ('after_resize', 'before_resize')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,14 +58,25 @@ class PipelineSpec:
   resize_label: bool = True          # False: keep labels at full resolution
   color_jitter: tuple | None = None  # (brightness, contrast, saturation, hue)
   color_jitter_implementation: str = 'float'   # a key of transforms.COLOR_JITTERS
+  # 'after_resize': jitter the image resized to `size`; 'before_resize':
+  # jitter it at its stored resolution, then resize (the released order)
+  color_jitter_order: str = 'after_resize'
   scale_range: tuple | None = None   # random scale (low, high)
   crop: tuple | None = None          # random crop (height, width)
   flip: bool = False
+  scaled_size_rounding: str = 'round'   # transforms.SCALED_SIZE_ROUNDINGS
   mean: tuple = (0.485, 0.456, 0.406)
   std: tuple = (0.229, 0.224, 0.225)
   pseudo_labels: str | None = None   # pseudo_labels.PseudoLabelStore directory
   shuffle: bool = True
   seed: int = 0
+  # Which records a training stream reads: 'uniform' (a seeded shuffle of
+  # every epoch) or 'class_balanced' (the released code's rule,
+  # class_balanced.py, with these numbers; the split's class statistics
+  # are read from its build, computed there first if missing).
+  sampling: str = 'uniform'
+  sub_epoch_draws: int = 3000
+  log_offset: float = 1.01
   worker_count: int = 0
   # Training loaders: threads that read (decode) records, and how many
   # records each stream of each worker reads ahead of its transforms
@@ -71,18 +91,23 @@ def transforms_of(spec: PipelineSpec) -> list:
   if spec.pseudo_labels:
     ops.append(pseudo_labels.AttachPseudoLabels(
         pseudo_labels.PseudoLabelStore(spec.pseudo_labels)))
-  if spec.size:
-    ops.append(transforms.Resize(tuple(spec.size), spec.resize_label,
-                                 spec.interpolation))
-  if spec.color_jitter:
-    ops.append(transforms.ColorJitter(
-        *spec.color_jitter, implementation=spec.color_jitter_implementation))
+  resize_and_jitter = [
+      spec.size and transforms.Resize(tuple(spec.size), spec.resize_label,
+                                      spec.interpolation),
+      spec.color_jitter and transforms.ColorJitter(
+          *spec.color_jitter, implementation=spec.color_jitter_implementation)]
+  if spec.color_jitter_order not in COLOR_JITTER_ORDERS:
+    raise ValueError(f'colour jitter order {spec.color_jitter_order!r} is '
+                     f'not one of {COLOR_JITTER_ORDERS}')
+  if spec.color_jitter_order == 'before_resize':
+    resize_and_jitter.reverse()
+  ops.extend(op for op in resize_and_jitter if op)
   if spec.scale_range or spec.crop or spec.flip:
     fill = tuple(int(round(255 * m)) for m in spec.mean)
     ops.append(transforms.RandomScaleCropFlip(
         spec.scale_range and tuple(spec.scale_range),
         spec.crop and tuple(spec.crop), spec.flip, fill,
-        spec.interpolation))
+        spec.interpolation, spec.scaled_size_rounding))
   ops.append(transforms.Normalize(tuple(spec.mean), tuple(spec.std)))
   return ops
 
@@ -96,13 +121,51 @@ def _resolve(spec, source, process_index, process_count):
           jax.process_count() if process_count is None else process_count)
 
 
+SAMPLINGS = ('uniform', 'class_balanced')
+
+
+def record_sampler(spec: PipelineSpec, source, presence=None):
+  """The sampler of one process's whole record stream (positions 0, 1,
+  ... of the global stream): `spec.sampling`'s. `presence` (bool
+  [records, C], class_statistics): what a class-balanced sampler balances;
+  read from the split's statistics when not given."""
+  if spec.sampling == 'uniform':
+    return grain.samplers.IndexSampler(
+        len(source), shard_options=grain.sharding.ShardOptions(
+            0, 1, drop_remainder=True),
+        shuffle=spec.shuffle, num_epochs=None, seed=spec.seed)
+  if spec.sampling != 'class_balanced':
+    raise ValueError(f'PipelineSpec.sampling = {spec.sampling!r}, expected '
+                     f'one of {SAMPLINGS}')
+  if presence is None:
+    presence = class_statistics.load_or_compute(
+        spec.dataset, spec.split, spec.data_dir, spec.read_threads,
+        source=source).for_label_space(spec.label_space)
+  return class_balanced.ClassBalancedSampler(
+      presence, spec.seed, class_balanced.BalancingRule(
+          spec.sub_epoch_draws, spec.log_offset))
+
+
+def stream_positions(num_batches: int, global_batch_size: int,
+                     worker_count: int) -> np.ndarray:
+  """int64 [num_batches, global_batch_size]: the stream positions of the
+  first `num_batches` global batches of `train_loader` (whatever the
+  number of processes; `ProcessSliceSampler`): batch n = k W + w of W
+  workers holds w + W (k G + m), m < G."""
+  workers = max(worker_count, 1)
+  k, w = np.divmod(np.arange(num_batches, dtype=np.int64), workers)
+  return w[:, None] + workers * (k[:, None] * global_batch_size
+                                 + np.arange(global_batch_size))
+
+
 def train_loader(spec: PipelineSpec, source=None,
                  process_index: int | None = None,
                  process_count: int | None = None) -> grain.DataLoader:
-  """An endless, shuffled loader of this process's slices of the global
-  batches (`ProcessSliceSampler`). Its worker processes exit when the
-  process that made it dies (`workers.Lifeline`); each reads at most
-  `spec.read_ahead` records ahead."""
+  """An endless loader of this process's slices of the global batches
+  (`ProcessSliceSampler`), shuffled or class-balanced (`spec.sampling`).
+  Its worker processes exit when the process that made it dies
+  (`workers.Lifeline`); each reads at most `spec.read_ahead` records
+  ahead."""
   source, process_index, process_count = _resolve(
       spec, source, process_index, process_count)
   local = spec.global_batch_size // process_count
@@ -111,11 +174,9 @@ def train_loader(spec: PipelineSpec, source=None,
                      f'divisible by the {process_count} processes')
   one_stream = grain.sharding.ShardOptions(0, 1, drop_remainder=True)
   sampler = ProcessSliceSampler(
-      grain.samplers.IndexSampler(
-          len(source), shard_options=one_stream, shuffle=spec.shuffle,
-          num_epochs=None, seed=spec.seed),
-      local_batch_size=local, process_index=process_index,
-      process_count=process_count, worker_count=spec.worker_count)
+      record_sampler(spec, source), local_batch_size=local,
+      process_index=process_index, process_count=process_count,
+      worker_count=spec.worker_count)
   if spec.worker_count and not flags.FLAGS.is_parsed():
     # grain's worker processes read absl flags; outside `app.run` (tests,
     # notebooks) the defaults are what we want.

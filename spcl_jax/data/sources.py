@@ -72,8 +72,10 @@ def dataset_directory(dataset: str, data_dir: str) -> str:
   return str(where / '.'.join(map(str, max(versions))))
 
 
-def open_source(dataset: str, split: str, data_dir: str):
-  """The ArrayRecord data source of one split of a built dataset.
+def open_source(dataset: str, split: str, data_dir: str, decoders=None):
+  """The ArrayRecord data source of one split of a built dataset
+  (`decoders`: TFDS's, e.g. `{'image': tfds.decode.SkipDecoding()}` to
+  leave a feature undecoded).
 
   Reads the build's own files (`tfds.builder_from_directory`), so it needs
   no registered builder class — and is not confused by TFDS's own, different
@@ -83,7 +85,18 @@ def open_source(dataset: str, split: str, data_dir: str):
   if split not in builder.info.splits:
     raise ValueError(f'dataset {dataset!r} in {builder.data_dir} has no split '
                      f'{split!r}; it has {sorted(builder.info.splits)}')
-  return builder.as_data_source(split=split)
+  return builder.as_data_source(split=split, decoders=decoders)
+
+
+def built_without_labels(dataset: str, split: str, data_dir: str) -> bool:
+  """Whether the build's metadata says `split` was built without labels
+  (`has_labels: False`: images only, every label 255). False for a split
+  whose metadata says nothing (then its labels are read)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  directory = dataset_directory(dataset, data_dir)
+  metadata = tfds.builder_from_directory(directory).info.metadata or {}
+  entry = metadata.get(split)
+  return isinstance(entry, dict) and entry.get('has_labels') is False
 
 
 class UnlabelledSplitError(ValueError):

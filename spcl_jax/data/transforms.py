@@ -3,6 +3,7 @@ space, invalid labels), resize, colour jitter (float and the release's PIL
 implementation), random scale / crop / flip, and ImageNet normalisation."""
 
 import dataclasses
+import math
 
 import grain
 import numpy as np
@@ -201,15 +202,23 @@ class ColorJitter(grain.transforms.RandomMap):
     return {**element, 'image': image}
 
 
+# `data.scaled_size_rounding`: how the random scale's size (a side times the
+# scale) becomes an integer: 'round' to the nearest, or 'floor' (the
+# released transforms' int()).
+SCALED_SIZE_ROUNDINGS = {'round': lambda x: int(round(x)), 'floor': math.floor}
+
+
 def scale_crop_flip(image, label, rng, scale_range, crop, flip, fill,
-                    interpolation: str = 'bilinear'):
+                    interpolation: str = 'bilinear', rounding: str = 'round'):
   """Random scale (the image with `interpolation`, a key of resize.INTERPOLATIONS;
-  the label nearest), pad to the crop size (image with `fill`, label with
-  255), random crop, random horizontal flip."""
+  the label nearest; each side times the scale made an integer by
+  `rounding`, a key of SCALED_SIZE_ROUNDINGS), pad to the crop size (image
+  with `fill`, label with 255), random crop, random horizontal flip."""
   if scale_range is not None:
     s = rng.uniform(*scale_range)
-    size = (max(1, int(round(image.shape[0] * s))),
-            max(1, int(round(image.shape[1] * s))))
+    to_int = SCALED_SIZE_ROUNDINGS[rounding]
+    size = (max(1, to_int(image.shape[0] * s)),
+            max(1, to_int(image.shape[1] * s)))
     image = resize.resize_array(image, size, resize.INTERPOLATIONS[interpolation])
     label = resize.resize_label(label, size)
   if crop is not None:
@@ -239,11 +248,13 @@ class RandomScaleCropFlip(grain.transforms.RandomMap):
   flip: bool
   fill: tuple  # uint8 RGB used to pad images (the mean colour)
   interpolation: str = 'bilinear'   # of the image's scaling (resize.INTERPOLATIONS)
+  rounding: str = 'round'   # of the scaled size (SCALED_SIZE_ROUNDINGS)
 
   def random_map(self, element, rng: np.random.Generator):
     image, label = scale_crop_flip(element['image'], element['label'], rng,
                                    self.scale_range, self.crop, self.flip,
-                                   self.fill, self.interpolation)
+                                   self.fill, self.interpolation,
+                                   self.rounding)
     return {**element, 'image': image, 'label': label}
 
 

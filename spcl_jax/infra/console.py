@@ -362,6 +362,15 @@ def _isatty(stream) -> bool:
     return False
 
 
+def rate_text(images_per_sec: float, seconds_per_step: float) -> str:
+  """'8.0 images/s'; under one image a second, two significant digits and
+  the time a step takes ('0.02 images/s (1m39s a step)'), not '0.0'."""
+  if images_per_sec >= 1:
+    return f'{images_per_sec:.1f} images/s'
+  return (f'{images_per_sec:.2g} images/s '
+          f'({duration(seconds_per_step)} a step)')
+
+
 def duration(seconds: float) -> str:
   """'<1s', '42s', '3m05s', '1h02m' (0 only for no time at all: an ETA
   of a fraction of a second is not 'done')."""
@@ -461,7 +470,7 @@ class TrainProgress:
       steps = step - self.window_first
       images_per_sec = steps * self.images_per_step / seconds
       scalars[f'{self.stage}/images_per_sec'] = images_per_sec
-      rate = f'{images_per_sec:.1f} images/s'
+      rate = rate_text(images_per_sec, seconds / steps)
       if step < self.total:   # the last line: nothing left to wait for
         rate += f'  ETA {duration(seconds / steps * (self.total - step))}'
       parts.append(rate)

@@ -9,16 +9,21 @@ Keyword arguments of `create_model`:
   aspp_rates: ASPP v2 dilation rates, default (6, 12, 18, 24).
   frozen_bn_epsilon: ε of frozen BatchNorm (default 1e-5; 0 = released).
   layer_init: 'flax' (default) or 'torch': PyTorch's default initialisation
-    of VGG-16's fresh fc6/fc7 (layers.conv_init).
+    of VGG-16's fresh fc6/fc7 (layers.conv_init) and of the ASPP biases
+    (their weights are N(0, 0.01) either way).
   base_width: ResNet stem width / VGG-16 conv1 width (default 64); smaller
     values make the CPU demo model cheaper (and are incompatible with
     ImageNet weights).
-  remat: 'none' (default) or 'blocks': `flax.linen.remat` around every
-    residual block (ResNet) / conv<i>_x block and fc6, fc7 (VGG-16), which
-    keeps only each block's input for the backward pass and recomputes the
-    rest there (less memory, about one more forward pass of compute); same
-    parameters, same values, same gradients. Only for models with blocks
-    (`ModelSpec.has_blocks`).
+  remat: 'none' (default), 'blocks' or 'groups'. 'blocks': `flax.linen.remat`
+    around every residual block (ResNet) / conv<i>_x block and fc6, fc7
+    (VGG-16), which keeps only each block's input for the backward pass and
+    recomputes the rest there (less memory, about one more forward pass of
+    compute). 'groups' (ResNets): as 'blocks', and each stage's blocks
+    rematerialised again in runs of about sqrt(n) (`layers.block_groups`),
+    which keeps only each run's input during the forward pass (less memory
+    again, about two more forward passes). Same parameters, same values,
+    same gradients. Only for models with blocks (`ModelSpec.has_blocks`),
+    'groups' only for those with stages of them (`ModelSpec.has_stages`).
 """
 
 from typing import NamedTuple
@@ -37,6 +42,7 @@ class ModelSpec(NamedTuple):
   arch: str            # key of porting.BACKBONES (the ImageNet weights it takes)
   backbone_kw: tuple   # fixed keyword arguments of the backbone
   has_blocks: bool = True  # blocks to rematerialise (`remat='blocks'`)
+  has_stages: bool = True  # stages of blocks to group (`remat='groups'`)
 
 
 MODELS = {
@@ -46,12 +52,12 @@ MODELS = {
     # At 128x256 input and base_width 64 it costs ~14 GFLOPs per image forward
     # (layer4 runs at stride 8); base_width=16 cuts that ~16x.
     'deeplabv2_resnet18': ModelSpec('resnet18', ()),
-    'deeplabv2_vgg16': ModelSpec('vgg16', ()),
+    'deeplabv2_vgg16': ModelSpec('vgg16', (), has_stages=False),
 }
 
 _BACKBONE_KW = ('bn_trainable', 'dtype', 'base_width', 'frozen_bn_epsilon',
                 'layer_init', 'remat')
-_HEAD_KW = ('aspp_rates',)
+_HEAD_KW = ('aspp_rates', 'layer_init')   # layer_init: the backbone's too
 
 
 def check_name(name: str) -> ModelSpec:
@@ -68,6 +74,9 @@ def remat_problem(name: str, remat: str) -> str | None:
   if remat != 'none' and name in MODELS and not MODELS[name].has_blocks:
     return (f'model.remat = {remat!r} but model {name!r} has no blocks to '
             "rematerialise; use 'none'")
+  if remat == 'groups' and name in MODELS and not MODELS[name].has_stages:
+    return (f"model.remat = 'groups' but model {name!r} has no stages of "
+            "repeated blocks to group; use 'blocks'")
   return None
 
 
@@ -79,8 +88,9 @@ def create_model(name: str, num_classes: int, **kw) -> DeepLabV2:
     raise ValueError(problem)
   unknown = sorted(set(kw) - set(_BACKBONE_KW) - set(_HEAD_KW))
   if unknown:
+    accepted = sorted(set(_BACKBONE_KW + _HEAD_KW))
     raise TypeError(f'create_model({name!r}): unknown keyword arguments '
-                    f'{unknown}; accepted: {sorted(_BACKBONE_KW + _HEAD_KW)}')
+                    f'{unknown}; accepted: {accepted}')
   backbone_kw = {k: v for k, v in kw.items() if k in _BACKBONE_KW}
   head_kw = {k: v for k, v in kw.items() if k in _HEAD_KW}
   dtype = kw.get('dtype', jnp.float32)

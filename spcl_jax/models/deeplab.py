@@ -5,7 +5,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from spcl_jax.models.layers import conv
+from spcl_jax.models.layers import conv, torch_conv_init
 
 Dtype = Any
 
@@ -13,18 +13,27 @@ Dtype = Any
 class ASPPv2(nn.Module):
   """Four parallel 3x3 convolutions N -> C with dilation = padding = each rate,
   outputs **summed** (all four; AdaptSegNet's early return after two branches
-  is a bug we do not reproduce). Weights N(0, 0.01), bias 0."""
+  is a bug we do not reproduce). Weights N(0, 0.01); bias 0, or with
+  `layer_init='torch'` PyTorch's default Conv2d bias U(±1/sqrt(fan_in)),
+  fan_in = 9 N (the released classifier sets only the weights)."""
   num_classes: int
   rates: Sequence[int] = (6, 12, 18, 24)
   dtype: Dtype = jnp.float32
+  layer_init: str = 'flax'   # 'flax' or 'torch' (layers.LAYER_INITS)
 
   @nn.compact
   def __call__(self, x):
+    bias_init = {'flax': {}, 'torch': {
+        'bias_init': torch_conv_init(9 * x.shape[-1])['bias_init']}}
+    if self.layer_init not in bias_init:
+      raise ValueError(f'layer_init: {self.layer_init!r}, expected one of '
+                       f'{sorted(bias_init)}')
     out = None
     for i, rate in enumerate(self.rates):
       y = conv(self.num_classes, 3, dilation=rate, use_bias=True,
                dtype=self.dtype, name=f'branch{i}',
-               kernel_init=nn.initializers.normal(stddev=0.01))(x)
+               kernel_init=nn.initializers.normal(stddev=0.01),
+               **bias_init[self.layer_init])(x)
       out = y if out is None else out + y
     return out
 
@@ -37,11 +46,12 @@ class DeepLabV2(nn.Module):
   num_classes: int
   aspp_rates: Sequence[int] = (6, 12, 18, 24)
   dtype: Dtype = jnp.float32
+  layer_init: str = 'flax'   # of the ASPP biases (ASPPv2)
 
   @nn.compact
   def __call__(self, images, train: bool = False):
     features = self.backbone(images, train)
     logits = ASPPv2(self.num_classes, self.aspp_rates, self.dtype,
-                    name='classifier')(features)
+                    self.layer_init, name='classifier')(features)
     return {'features': features.astype(jnp.float32),
             'logits': logits.astype(jnp.float32)}

@@ -22,6 +22,29 @@ def model_for_stage(config, bn_trainable: bool):
                              bn_trainable=bn_trainable, **model_kwargs(config))
 
 
+def model_for_pass(config):
+  """The segmenter with frozen BatchNorm whose ε is `model.pass_bn_epsilon`
+  (`model.frozen_bn_epsilon` for a config written before the field): the
+  prototype and pseudo-label passes', and the evaluation of a stage that
+  trains BatchNorm."""
+  epsilon = config.model.get('pass_bn_epsilon',
+                             config.model.frozen_bn_epsilon)
+  return models.create_model(config.model.name, config.model.num_classes,
+                             bn_trainable=False, **{
+                                 **model_kwargs(config),
+                                 'frozen_bn_epsilon': epsilon})
+
+
+def model_for_evaluation(config, stage_name: str):
+  """The segmenter (frozen BatchNorm) that evaluates training stage
+  `stage_name`'s model, as the released test.py does: with the stage's own
+  frozen BatchNorm where it trains with frozen BatchNorm, with
+  `model_for_pass`'s ε where it trains BatchNorm (self-training)."""
+  if config.stages[stage_name].get('bn_trainable', False):
+    return model_for_pass(config)
+  return model_for_stage(config, False)
+
+
 def discriminator_for(config):
   return models.Discriminator(tuple(config.discriminator.widths),
                               config.discriminator.negative_slope,

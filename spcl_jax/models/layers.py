@@ -1,6 +1,7 @@
 """Building blocks shared by the backbones: convolution with torch-style
 explicit padding, and a BatchNorm with a frozen and a trainable mode."""
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -62,20 +63,31 @@ def conv_init(layer_init: str, fan_in: int) -> dict:
                    f'{LAYER_INITS}')
 
 
-# `model.remat`: 'none', or 'blocks' (every residual block / VGG block is
+# `model.remat`: 'none', 'blocks' (every residual block / VGG block is
 # rematerialised: only its input is kept for the backward pass, the
-# activations inside it are recomputed there; parameter paths unchanged).
-REMAT_MODES = ('none', 'blocks')
+# activations inside it are recomputed there) or 'groups' (ResNets: as
+# 'blocks', and each stage's blocks also rematerialised in runs of about
+# sqrt(n) (`block_groups`): the forward pass keeps only each run's input, the
+# backward pass one run's block inputs at a time). Parameter paths unchanged.
+REMAT_MODES = ('none', 'blocks', 'groups')
 
 
 def remat_blocks(target, remat: str, **kw):
   """`target` (a Module class, or a function whose first argument is a
-  module) wrapped in `flax.linen.remat` when `remat == 'blocks'`, else
+  module) wrapped in `flax.linen.remat` unless `remat == 'none'`, else
   itself; `kw`: remat's keyword arguments (static_argnums counts the module
   as argument 0)."""
   if remat not in REMAT_MODES:
     raise ValueError(f'remat: {remat!r}, expected one of {REMAT_MODES}')
-  return nn.remat(target, **kw) if remat == 'blocks' else target
+  return target if remat == 'none' else nn.remat(target, **kw)
+
+
+def block_groups(num_blocks: int) -> list[range]:
+  """The runs of consecutive blocks `remat='groups'` rematerialises as one:
+  ceil(sqrt(n)) blocks each, the last one shorter (23 -> 5, 5, 5, 5, 3)."""
+  size = math.isqrt(num_blocks - 1) + 1 if num_blocks > 1 else 1
+  return [range(start, min(start + size, num_blocks))
+          for start in range(0, num_blocks, size)]
 
 
 class BatchNorm(nn.Module):

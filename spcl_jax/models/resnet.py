@@ -14,7 +14,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from spcl_jax.models.layers import BN_EPSILON, BatchNorm, conv, remat_blocks
+from spcl_jax.models.layers import (BN_EPSILON, BatchNorm, block_groups, conv,
+                                    remat_blocks)
 
 Dtype = Any
 
@@ -101,7 +102,8 @@ class ResNet(nn.Module):
   dtype: Dtype = jnp.float32
   frozen_bn_epsilon: float = BN_EPSILON  # 0: the released frozen BatchNorm
   layer_init: str = 'flax'  # accepted for symmetry: every layer is ported
-  # 'blocks': every residual block is rematerialised (layers.remat_blocks)
+  # 'blocks': every residual block rematerialised; 'groups': and runs of
+  # blocks too (layers.REMAT_MODES)
   remat: str = 'none'
 
   @property
@@ -117,20 +119,38 @@ class ResNet(nn.Module):
                   frozen_epsilon=self.frozen_bn_epsilon, name='bn1')(x, train)
     x = nn.relu(x)
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    # `train` and the blocks (arguments 2, 3 after the module and x) are
+    # static; 'groups': each run of blocks rematerialised as one as well
+    run = _run_blocks if self.remat != 'groups' else nn.remat(
+        _run_blocks, static_argnums=(2, 3))
     in_channels = self.base_width
-    plan = block_dilations(self.stage_sizes, self.strides_to_dilation)
-    # `train` (argument 2, after the module and x) is a Python bool
-    block = remat_blocks(self.block, self.remat, static_argnums=(2,))
-    for stage, blocks in enumerate(plan):
-      planes = self.base_width * 2 ** stage
-      for index, (stride, dilation) in enumerate(blocks):
+    for stage, plan in enumerate(block_dilations(self.stage_sizes,
+                                                 self.strides_to_dilation)):
+      planes, blocks = self.base_width * 2 ** stage, []
+      for index, (stride, dilation) in enumerate(plan):
         downsample = (stride != 1 or
                       in_channels != planes * self.block.expansion)
-        x = block(planes, stride, dilation, downsample, self.bn_trainable,
-                  self.dtype, self.frozen_bn_epsilon,
-                  name=f'layer{stage + 1}_{index}')(x, train)
+        blocks.append((f'layer{stage + 1}_{index}', planes, stride, dilation,
+                       downsample))
         in_channels = planes * self.block.expansion
+      runs = (block_groups(len(blocks)) if self.remat == 'groups'
+              else [range(len(blocks))])
+      for indices in runs:
+        x = run(self, x, train, tuple(blocks[i] for i in indices))
     return x
+
+
+def _run_blocks(module: ResNet, x, train: bool, blocks: tuple):
+  """`blocks` ((name, planes, stride, dilation, downsample) each) of
+  `module` applied in order, created in its scope (so their parameter paths
+  do not depend on how they are grouped), each rematerialised unless
+  `module.remat == 'none'`."""
+  # `train` (argument 2, after the module and x) is a Python bool
+  block = remat_blocks(module.block, module.remat, static_argnums=(2,))
+  for name, planes, stride, dilation, downsample in blocks:
+    x = block(planes, stride, dilation, downsample, module.bn_trainable,
+              module.dtype, module.frozen_bn_epsilon, name=name)(x, train)
+  return x
 
 
 RESNET_STAGES = {18: ((2, 2, 2, 2), BasicBlock),

@@ -55,6 +55,10 @@ _PLUGIN_ENVIRONMENT = {'TPU_WORKER_HOSTNAMES': 'localhost',
                        'TPU_ACCELERATOR_TYPE': 'v5litepod-4',
                        'ALLOW_MULTIPLE_LIBTPU_LOAD': '1'}
 
+# libtpu's refusal of a program that does not fit the chip's HBM
+_OUT_OF_MEMORY = re.compile(r'Ran out of memory in memory space \w+[^\n]*|'
+                            r'Ran out of memory on HBM[^\n]*')
+
 # An instruction of an optimised HLO module that is a collective (or the
 # asynchronous `-start` half of one): its result shape and its opcode.
 _COLLECTIVE = re.compile(
@@ -274,6 +278,9 @@ class CompiledCost:
   collective_bytes: dict   # collective -> bytes of its results
   compile_seconds: float
   cached: bool = False     # read from `measure`'s cache, not compiled now
+  # The compiler's refusal when the program does not fit the device's
+  # memory (libtpu: 'Ran out of memory on HBM, ...'); '' when it compiled.
+  out_of_memory: str = ''
 
 
 def peak_bytes(compiled) -> int:
@@ -342,8 +349,19 @@ def _version(package: str) -> str:
     return ''
 
 
+def out_of_memory_message(error: str) -> str:
+  """The compiler's one-line refusal in `error` when a program does not fit
+  its device's memory ('Ran out of memory on HBM, the total memory
+  required for HLO temporaries (22.34G) exceeds available HBM (15.75G).');
+  '' for any other error."""
+  match = _OUT_OF_MEMORY.search(error)
+  return match.group(0).strip() if match else ''
+
+
 def measure(program: Program, cache_dir: str | None = None) -> CompiledCost:
-  """`program` compiled (timed) and what it costs. With
+  """`program` compiled (timed) and what it costs; a program too large for
+  its device's memory is a cost with the compiler's `out_of_memory`
+  message (libtpu refuses it after its buffer assignment). With
   `cache_dir`, a program compiled before (same program, devices, compiler
   and flags: `_cache_key`) is not compiled again: its numbers, compile
   time included, are read from `cache_dir/<key>.json`."""
@@ -352,10 +370,18 @@ def measure(program: Program, cache_dir: str | None = None) -> CompiledCost:
     return dataclasses.replace(CompiledCost(**workdir.read_json(path)),
                                cached=True)
   start = time.perf_counter()
-  compiled = program.compile()
-  seconds = time.perf_counter() - start
-  cost = CompiledCost(peak_bytes(compiled), flops(compiled),
-                      collective_bytes(compiled), seconds)
+  try:
+    compiled = program.compile()
+  except jax.errors.JaxRuntimeError as e:
+    refusal = out_of_memory_message(str(e))
+    if not refusal:
+      raise
+    cost = CompiledCost(0, 0.0, {}, time.perf_counter() - start,
+                        out_of_memory=refusal)
+  else:
+    cost = CompiledCost(peak_bytes(compiled), flops(compiled),
+                        collective_bytes(compiled),
+                        time.perf_counter() - start)
   if path:
     workdir.write_json(path, dataclasses.asdict(cost))
   return cost

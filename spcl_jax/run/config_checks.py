@@ -3,6 +3,7 @@
 started with the same config (`check_workdir_config`)."""
 
 import json
+import math
 import os
 
 import jax
@@ -10,6 +11,7 @@ import ml_collections
 
 from spcl_jax.core import labels as label_table
 from spcl_jax.core import train_steps
+from spcl_jax.data import loaders
 from spcl_jax.data import resize
 from spcl_jax.data import sources
 from spcl_jax.data import transforms
@@ -21,6 +23,7 @@ from spcl_jax.run import builds
 from spcl_jax.run import context
 from spcl_jax.run import pass_stages
 from spcl_jax.run import released
+from spcl_jax.run import source_sampling
 from spcl_jax.run import stage_graph
 from spcl_jax.run import stage_outputs
 
@@ -34,10 +37,23 @@ _RESUMABLE_CHANGES = ('stages_to_run', 'testing.', 'data.data_dir',
                       'data.device_prefetch', 'data.read_threads',
                       'data.read_ahead', 'max_steps_in_flight',
                       'checkpoint.preemption_check_every_steps')
+def _old_frozen_bn_epsilon(old: dict):
+  """What a workdir's passes ran with before `model.pass_bn_epsilon`."""
+  return old.get('model.frozen_bn_epsilon')
+
+
 # Fields added after workdirs were written, with the value that reproduces
-# what those workdirs ran: absent there and this value here is no change.
+# what those workdirs ran (or a function of the workdir's flat config that
+# gives it): absent there and this value here is no change.
 _ADDED_FIELDS = {'model.remat': 'none', 'micro_batches': 1,
-                 'color_jitter_implementation': 'float'}
+                 'color_jitter_implementation': 'float',
+                 'source_sampling': 'uniform',
+                 'source_sampling_sub_epoch': 3000,
+                 'source_sampling_log_offset': 1.01,
+                 'images_per_loss_mean': 0,
+                 'color_jitter_order': 'after_resize',
+                 'scaled_size_rounding': 'round',
+                 'model.pass_bn_epsilon': _old_frozen_bn_epsilon}
 
 
 # `testing.transfer_guard`: '' (none) or a jax.transfer_guard level.
@@ -47,6 +63,37 @@ TRANSFER_GUARD_LEVELS = ('', 'allow', 'log', 'disallow', 'log_explicit',
 
 class ConfigMismatchError(ValueError):
   pass
+
+
+# The batch-size fields whose images a training step's pixel-averaged losses
+# weigh (`images_per_loss_mean`), by step; the warm-up's target batch only
+# feeds the discriminator (a mean over its outputs, equal for every image).
+_LOSS_WEIGHTED_BATCHES = {
+    'warmup': ('source_batch_size',),
+    'spcl': ('source_batch_size', 'target_batch_size'),
+    'self_training': ('target_batch_size', 'source_batch_size'),
+}
+
+
+def loss_weighting_problems(config, stages=stage_graph.STAGES) -> list:
+  """What is wrong with the training stages' `images_per_loss_mean`: an
+  integer >= 0 dividing every global batch whose losses it weighs."""
+  problems = []
+  for stage in [s for s in stages if s.kind == 'train']:
+    block = config.stages[stage.name]
+    n = block.get('images_per_loss_mean', 0)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+      problems.append(f'stages.{stage.name}.images_per_loss_mean = {n!r} '
+                      'must be an integer >= 0 (0: the mean over the global '
+                      "batch's valid pixels; n: one mean per n images)")
+      continue
+    for key in _LOSS_WEIGHTED_BATCHES[stage.step]:
+      size = block[key]
+      if n and size > 0 and size % n:
+        problems.append(f'stages.{stage.name}.images_per_loss_mean = {n} '
+                        f'does not divide stages.{stage.name}.{key} = '
+                        f'{size}')
+  return problems
 
 
 def memory_config_problems(config, num_devices: int) -> list:
@@ -77,6 +124,28 @@ def memory_config_problems(config, num_devices: int) -> list:
   return problems
 
 
+def source_sampling_problems(data) -> list:
+  """What is wrong with `data.source_sampling` and its numbers; empty when
+  nothing is. A config written before they existed has none (uniform)."""
+  if 'source_sampling' not in data:
+    return []
+  problems = []
+  if data.source_sampling not in loaders.SAMPLINGS:
+    problems.append(f'data.source_sampling: {data.source_sampling!r}, '
+                    f'expected one of {loaders.SAMPLINGS}')
+  draws = data.source_sampling_sub_epoch
+  if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+    problems.append(f'data.source_sampling_sub_epoch = {draws!r} must be an '
+                    'integer >= 1 (draws per sub-epoch; the release: 3000)')
+  offset = data.source_sampling_log_offset
+  if (isinstance(offset, bool) or not isinstance(offset, (int, float))
+      or not math.isfinite(offset) or offset <= 1):
+    problems.append(f'data.source_sampling_log_offset = {offset!r} must be '
+                    'a number > 1 (class weight 1 / log(offset + share); the '
+                    'release: 1.01)')
+  return problems
+
+
 # ------------------------------------------------------------------ checks --
 
 def validate(config: ml_collections.ConfigDict,
@@ -86,23 +155,26 @@ def validate(config: ml_collections.ConfigDict,
   against `num_devices`, default: every device of every process; stage
   names against `stages`)."""
   problems = list(released.conflicts(config))
-  if config.chain_model not in stage_outputs.CHAIN_MODELS:
-    problems.append(f'chain_model: {config.chain_model!r}, expected one of '
-                    f'{stage_outputs.CHAIN_MODELS}')
-  if config.model.layer_init not in layers.LAYER_INITS:
-    problems.append(f'model.layer_init: {config.model.layer_init!r}, '
-                    f'expected one of {layers.LAYER_INITS}')
-  if config.model.frozen_bn_epsilon < 0:
-    problems.append(f'model.frozen_bn_epsilon = '
-                    f'{config.model.frozen_bn_epsilon} must be >= 0')
-  if config.data.color_jitter_implementation not in transforms.COLOR_JITTERS:
-    problems.append(f'data.color_jitter_implementation: '
-                    f'{config.data.color_jitter_implementation!r}, expected '
-                    f'one of {sorted(transforms.COLOR_JITTERS)}')
-  if config.data.image_interpolation not in resize.INTERPOLATIONS:
-    problems.append(f'data.image_interpolation: '
-                    f'{config.data.image_interpolation!r}, expected one of '
-                    f'{sorted(resize.INTERPOLATIONS)}')
+  choices = (
+      ('chain_model', config.chain_model, stage_outputs.CHAIN_MODELS),
+      ('model.layer_init', config.model.layer_init, layers.LAYER_INITS),
+      ('data.color_jitter_order', config.data.color_jitter_order,
+       loaders.COLOR_JITTER_ORDERS),
+      ('data.scaled_size_rounding', config.data.scaled_size_rounding,
+       sorted(transforms.SCALED_SIZE_ROUNDINGS)),
+      ('data.color_jitter_implementation',
+       config.data.color_jitter_implementation,
+       sorted(transforms.COLOR_JITTERS)),
+      ('data.image_interpolation', config.data.image_interpolation,
+       sorted(resize.INTERPOLATIONS)))
+  problems.extend(f'{field}: {value!r}, expected one of {allowed}'
+                  for field, value, allowed in choices
+                  if value not in allowed)
+  for field in ('frozen_bn_epsilon', 'pass_bn_epsilon'):
+    epsilon = config.model[field]
+    if (isinstance(epsilon, bool) or not isinstance(epsilon, (int, float))
+        or not epsilon >= 0):
+      problems.append(f'model.{field} = {epsilon!r} must be a number >= 0')
   if not (isinstance(config.seed, int)
           and 0 <= config.seed < context.SEED_LIMIT):
     problems.append(f'seed = {config.seed!r} must be an integer in '
@@ -183,6 +255,7 @@ def validate(config: ml_collections.ConfigDict,
     problems.append(f'testing.transfer_guard: '
                     f'{config.testing.transfer_guard!r}, expected one of '
                     f'{TRANSFER_GUARD_LEVELS}')
+  problems.extend(source_sampling_problems(config.data))
   if config.data.source_scale_range and not config.data.source_crop_size:
     problems.append('data.source_scale_range = '
                     f'{tuple(config.data.source_scale_range)} needs '
@@ -206,6 +279,7 @@ def validate(config: ml_collections.ConfigDict,
       problems.append(f'stages.{stage}.{key} = {value} must be a positive '
                       f'multiple of the {devices} devices')
   problems.extend(memory_config_problems(config, devices))
+  problems.extend(loss_weighting_problems(config, stages))
   if config.data.eval_batch_size % devices:
     problems.append(f'data.eval_batch_size = {config.data.eval_batch_size} '
                     f'must be a multiple of the {devices} devices')
@@ -280,6 +354,28 @@ def check_datasets(config, workdir: str,
       raise ValueError(f'data.{split_field} = {split!r}: dataset {dataset!r} '
                        f'(data.{field}, {where}) has no such split; it has '
                        f'{splits}')
+  check_source_labelled(config, unfinished)
+
+
+def check_source_labelled(config, stages: tuple) -> None:
+  """Refuses class-balanced sampling (`data.source_sampling`) of a source
+  split built without labels (images only), naming the dataset, before
+  anything runs: there is no class to balance. A split not built yet is
+  the demo's (labelled), built by the run."""
+  data = config.data
+  if not source_sampling.samples_class_balanced(config, stages):
+    return
+  try:
+    unlabelled = sources.built_without_labels(
+        data.source, data.source_split, sources.data_dir_path(data.data_dir))
+  except sources.DatasetNotBuiltError:
+    return
+  if unlabelled:
+    raise ValueError(
+        f"data.source_sampling = 'class_balanced' needs the source's labels, "
+        f'but split {data.source_split!r} of dataset {data.source!r} '
+        '(data.source) was built without labels (images only); use '
+        "data.source_sampling = 'uniform' or a labelled source")
 
 
 def flatten(config: dict, prefix: str = '') -> dict:
@@ -298,7 +394,8 @@ def config_to_json(config) -> dict:
 
 def _added_with_old_value(key: str, old: dict, new: dict) -> bool:
   return key not in old and any(
-      (key == field or key.endswith('.' + field)) and new.get(key) == value
+      (key == field or key.endswith('.' + field))
+      and new.get(key) == (value(old) if callable(value) else value)
       for field, value in _ADDED_FIELDS.items())
 
 

@@ -51,6 +51,16 @@ def _reading(data) -> dict:
           if field in data}
 
 
+def source_sampling_fields(data) -> dict:
+  """The source stream's sampling fields of `data` (a workdir's config
+  written before they existed has none: it read uniformly)."""
+  if 'source_sampling' not in data:
+    return {}
+  return dict(sampling=data.source_sampling,
+              sub_epoch_draws=data.source_sampling_sub_epoch,
+              log_offset=data.source_sampling_log_offset)
+
+
 def _spec(ctx, dataset, split, batch, **kw) -> loaders.PipelineSpec:
   data = ctx.config.data
   return loaders.PipelineSpec(
@@ -58,6 +68,9 @@ def _spec(ctx, dataset, split, batch, **kw) -> loaders.PipelineSpec:
       global_batch_size=batch, num_classes=ctx.config.model.num_classes,
       label_space=data.label_space, interpolation=data.image_interpolation,
       color_jitter_implementation=data.color_jitter_implementation,
+      # absent from a workdir's config written before they existed
+      color_jitter_order=data.get('color_jitter_order', 'after_resize'),
+      scaled_size_rounding=data.get('scaled_size_rounding', 'round'),
       mean=tuple(data.mean), std=tuple(data.std),
       worker_count=data.worker_count, **_reading(data), **kw)
 
@@ -105,7 +118,7 @@ def train_specs(ctx, stage: stage_graph.Stage) -> dict:
                  color_jitter=tuple(data.source_color_jitter) or None,
                  flip=data.source_flip,
                  seed=stage_seed(ctx, stage.name, 'source'),
-                 **geometry)
+                 **geometry, **source_sampling_fields(data))
 
   if stage.step == 'self_training':   # the step takes (target[, source])
     specs = {'target_iterator': _spec(

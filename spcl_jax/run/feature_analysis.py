@@ -43,7 +43,6 @@ from spcl_jax.data import loaders
 from spcl_jax.data import sources as sources_lib
 from spcl_jax.infra import storage
 from spcl_jax.infra import workdir as workdir_lib
-from spcl_jax.models import from_config
 from spcl_jax.report import feature_figures
 from spcl_jax.run import context
 from spcl_jax.run import trained_model
@@ -293,13 +292,15 @@ def analyze(workdir: str, output: str | None = None, stages=None,
   specs = {d: context.eval_spec(
       ctx, name, split, size, data.eval_batch_size, resize_label=True)
            for d, (name, split, size) in domains.items()}
-  model = from_config.model_for_stage(config, False)
-  step = jax.jit(make_feature_step(model, pixels_per_class),
-                 out_shardings=mesh_lib.replicated(ctx.mesh))
+  steps = {}   # one compiled step per model (BatchNorm's ε differs)
   result, pools = {}, {}
   for stage in stages:
     logging.info('analysing %s', model_dirs[stage])
-    _, variables = trained_model.load(ctx, stage)
+    model, variables = trained_model.load(ctx, stage)
+    if model not in steps:
+      steps[model] = jax.jit(make_feature_step(model, pixels_per_class),
+                             out_shardings=mesh_lib.replicated(ctx.mesh))
+    step = steps[model]
     entry, pools[stage] = {}, {}
     for d in DOMAINS:
       stats = domain_statistics(

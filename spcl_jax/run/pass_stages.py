@@ -26,7 +26,7 @@ from spcl_jax.run import stage_outputs
 def run_prototypes_stage(ctx, stage: stage_graph.Stage) -> dict:
   """Eq. 2 over the whole source set with the warm-up model."""
   config = ctx.config
-  model = from_config.model_for_stage(config, False)
+  model = from_config.model_for_pass(config)
   variables = stage_outputs.load_model(ctx, stage.model_from, model)
   data = config.data
   spec = context.eval_spec(
@@ -48,11 +48,20 @@ def run_prototypes_stage(ctx, stage: stage_graph.Stage) -> dict:
   processes_lib.crash_after(ctx, f'{stage.name}/prototypes')
   images = np.asarray(sums.num_images)
   return {'model_from': stage.model_from,
-          **workdir_lib.read_json(ctx.done_path(stage.model_from)),
+          **model_record(ctx, stage),
           'classes_with_prototype': int((images > 0).sum()),
           'images_per_class': dict(zip(
               label_table.class_names(data.label_space),
               (int(n) for n in images)))}
+
+
+def model_record(ctx, stage: stage_graph.Stage) -> dict:
+  """The record of the stage whose model `stage` uses (its mIoU and
+  evaluation history), without what that stage's training read
+  (`source_sampling`): a pass reads in file order."""
+  record = workdir_lib.read_json(ctx.done_path(stage.model_from))
+  record.pop('source_sampling', None)
+  return record
 
 
 # What a pseudo-label stage writes (`stages.<name>.labels_from`). Only
@@ -91,7 +100,7 @@ def run_pseudo_labels_stage(ctx, stage: stage_graph.Stage) -> dict:
   reported (a diagnostic; training never reads those labels)."""
   config = ctx.config
   cfg = config.stages[stage.name]
-  model = from_config.model_for_stage(config, False)
+  model = from_config.model_for_pass(config)
   variables = stage_outputs.load_model(ctx, stage.model_from, model)
   data = config.data
   spec = context.eval_spec(
@@ -149,7 +158,7 @@ def run_pseudo_labels_stage(ctx, stage: stage_graph.Stage) -> dict:
     truth_pixels = multihost_utils.process_allgather(truth_pixels).reshape(
         -1, model.num_classes).sum(0)
   result = {'model_from': stage.model_from,
-            **workdir_lib.read_json(ctx.done_path(stage.model_from)),
+            **model_record(ctx, stage),
             'labels_from': cfg.labels_from,
             'class_thresholds': [float(t) for t in thresholds],
             'predicted_pixels': dict(zip(

@@ -55,6 +55,7 @@ from spcl_jax.run import config_checks
 from spcl_jax.run import context
 from spcl_jax.run import pass_stages
 from spcl_jax.run import processes
+from spcl_jax.run import source_sampling
 from spcl_jax.run import stage_graph
 from spcl_jax.run import train_stage
 
@@ -134,6 +135,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                             for k, v in config_checks.flatten(
                                 config_checks.config_to_json(config)).items()})
     builds.ensure_demo_data(ctx)
+    source_sampling.ensure_statistics(ctx)
     if any(ctx.stage(n).kind == 'train' for n in config.stages_to_run):
       sources.check_labelled(config.data.target, config.data.val_split,
                              ctx.data_dir())   # before training, not at its end

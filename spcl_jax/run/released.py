@@ -1,7 +1,13 @@
 """The released code's behaviour where it differs from our defaults
-(docs/differences.md): config field -> the released value. The `:released`
+(docs/released_code.md): config field -> the released value. The `:released`
 variant (`configs/default.released`) sets them all; with `released = True`
-a run whose config contradicts one of them is refused (`conflicts`)."""
+a run whose config contradicts one of them is refused (`conflicts`).
+
+`:released` is exactly these fields: the differences that no field
+reproduces (per-GPU prototype banks, prototypes not checkpointed, the
+thresholds' exact in-memory median at 512x1024) are the table's rows
+whose field is "none", each with its reason; `data.source_sampling` is each
+recipe config's own (the release's differs by source)."""
 
 RELEASED = {
     'stages.spcl.prototype_update': 'before_loss',
@@ -11,6 +17,14 @@ RELEASED = {
     'data.image_interpolation': 'bicubic',
     'model.layer_init': 'torch',
     'model.frozen_bn_epsilon': 0.0,
+    'model.pass_bn_epsilon': 1e-5,   # BatchNorm2d's, in the passes
+    'data.color_jitter_order': 'before_resize',
+    'data.scaled_size_rounding': 'floor',
+    # one loss mean per GPU: 1 source + 1 target image per GPU (8 images on
+    # 4 GPUs), 2 target images per GPU in self-training
+    'stages.warmup.images_per_loss_mean': 1,
+    'stages.spcl.images_per_loss_mean': 1,
+    'stages.self_training.images_per_loss_mean': 2,
 }
 
 

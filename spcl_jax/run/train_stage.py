@@ -28,6 +28,7 @@ from spcl_jax.run import context
 from spcl_jax.run import passes
 from spcl_jax.run import pretraining
 from spcl_jax.run import processes as processes_lib
+from spcl_jax.run import source_sampling
 from spcl_jax.run import stage_graph
 from spcl_jax.run import stage_outputs
 from spcl_jax.run import step_loop
@@ -137,7 +138,7 @@ def _train_stage(ctx, stage: stage_graph.Stage, opened: list) -> dict:
   config = ctx.config
   cfg = config.stages[stage.name]
   model = from_config.model_for_stage(config, cfg.bn_trainable)
-  eval_model = from_config.model_for_stage(config, False)
+  eval_model = from_config.model_for_evaluation(config, stage.name)
   state, tx, parts = _initial_state(ctx, stage, model)
   specs = context.train_specs(ctx, stage)
   iterators = {name: step_loop.DevicePrefetch(
@@ -299,4 +300,7 @@ def _train_stage(ctx, stage: stage_graph.Stage, opened: list) -> dict:
                  'best_step': best_step,
                  'best_miou': max((h['miou'] for h in history),
                                   default=result['miou'])})
+  sampling = source_sampling.stage_report(specs.get('source_iterator'), step)
+  if sampling:
+    result['source_sampling'] = sampling
   return result

@@ -193,8 +193,9 @@ def model_directory(ctx: context_lib.Context, stage: str) -> str:
 
 
 def load(ctx: context_lib.Context, stage: str):
-  """(model, variables replicated over the mesh) of a training stage."""
-  model = from_config.model_for_stage(ctx.config, False)
+  """(model, variables replicated over the mesh) of a training stage; the
+  model is the one the pipeline evaluated the stage with."""
+  model = from_config.model_for_evaluation(ctx.config, stage)
   variables = stage_outputs.load_variables(model_directory(ctx, stage),
                                            model, ctx.mesh)
   return model, variables

@@ -95,3 +95,23 @@ def test_the_table_of_a_topology(tmp_path):
     assert row[9] == 'yes' and row[10:12] == ['all-reduce', row[11]], row
   assert rows[2][6:8] == ['-', 'skipped:'], rows[2]
   assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_settings_are_parsed_and_a_bad_one_is_named():
+  assert memory.parse_settings(['float32/1/groups', 'bfloat16/4/blocks']) == [
+      ('float32', 1, 'groups'), ('bfloat16', 4, 'blocks')]
+  config = demo.get_config('smoke')
+  chosen = memory.parse_settings(['bfloat16/1/none'])
+  assert memory.settings(config, False, chosen) == [('bfloat16', 1, 'none')]
+  assert memory.settings(config, True, chosen) == [('bfloat16', 1, 'none')]
+  for bad in ('float16/1/none', 'float32/0/none', 'float32/one/none',
+              'float32/1/layers', 'float32/1'):
+    with pytest.raises(ValueError, match=re.escape(repr(bad))):
+      memory.parse_settings([bad])
+
+
+def test_a_bad_setting_is_one_line():
+  line = _error_line(_memory('--settings=float32/2/lots'))
+  assert line.startswith("error: --settings=float32/2/lots: 'float32/2/lots' "
+                         'is not DTYPE/MICRO_BATCHES/REMAT'), line
+  assert "REMAT one of none, blocks, groups" in line, line

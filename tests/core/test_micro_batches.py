@@ -288,6 +288,80 @@ def test_trainable_bn_is_the_mean_of_per_micro_batch_steps():
                              atol=1e-6)
 
 
+# ------------------------------------- per-image loss weighting (n > 0) --
+
+_WEIGHTED_RUNS = {   # stage: (its batches' order, overrides)
+    'warmup': (lambda s, t: (s, t), dict(adversarial_weight=0.5)),
+    'spcl': (lambda s, t: (s, t), _spcl_overrides('before_loss', 'offline')),
+    'self_training': (lambda s, t: (t, s), dict(source_weight=0.5)),
+}
+
+
+@pytest.mark.parametrize('stage_name,n', [
+    ('warmup', 1), ('spcl', 2), ('self_training', 2)])
+def test_per_image_weighting_micro_batched_equals_one_batch(stage_name, n):
+  """The weights come from the global batch: k = 2 (whose micro-batches
+  split every run of n = 2 consecutive images) equals k = 1; the weighting
+  changes the step."""
+  order, overrides = _WEIGHTED_RUNS[stage_name]
+  batches = order(*_batches())
+  _, one, metrics_one = _run(stage_name, 1, batches,
+                             images_per_loss_mean=n, **overrides)
+  _, many, metrics_many = _run(stage_name, 2, batches,
+                               images_per_loss_mean=n, **overrides)
+  _assert_states_equal(one, many, metrics_one, metrics_many)
+  _, pixel_mean, _ = _run(stage_name, 1, batches, **overrides)
+  assert _moved(one.params, pixel_mean.params) > 1e-5
+
+
+def test_per_image_weighting_on_eight_devices_equals_one_device():
+  batches = _batches(b=16)
+  overrides = dict(images_per_loss_mean=1,
+                   **_spcl_overrides('after_loss', 'online'))
+  _, one, metrics_one = _run('spcl', 1, batches, **overrides)
+  mesh = mesh_lib.make_mesh(jax.devices())
+  state, step = _setup('spcl', 2, **overrides)
+  state = jax.device_put(state, mesh_lib.replicated(mesh))
+  source, target = jax.device_put(batches, mesh_lib.batch_sharding(mesh))
+  many, metrics_many = jax.jit(step, compiler_options=FAST_COMPILE)(
+      state, source, target)
+  _assert_states_equal(one, jax.device_get(many), metrics_one, metrics_many)
+
+
+def test_per_image_loss_is_the_mean_of_each_images_own_loss():
+  """Self-training with one loss mean per image: the step's loss is the
+  mean over the images of each image's pixel-mean cross-entropy (computed
+  here image by image); with n = 0 it is their mean weighted by valid
+  pixels. Image 0 is brighter (a larger loss), image 1 mostly ignored."""
+  _, target = _batches()
+  target = {'image': target['image'] * np.float32([4, 1, 1, 1])[:, None,
+                                                                None, None],
+            'label': target['label'].copy()}
+  target['label'][1, 4:] = spcl.IGNORE_INDEX
+  target = _UNEQUAL_TARGET.setdefault('batch', target)
+  state, _, metrics = _run('self_training', 1, (target,),
+                           images_per_loss_mean=1)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+
+  def image_loss(i):
+    logits = TinySegmenter().apply(variables, target['image'][i:i + 1],
+                                   train=True)['logits']
+    label = target['label'][i:i + 1]
+    return float(spcl.segmentation_loss(
+        spcl.upsample_bilinear(logits, label.shape[1:3]), label))
+  losses = [image_loss(i) for i in range(len(target['label']))]
+  valid = np.sum(target['label'] != spcl.IGNORE_INDEX, axis=(1, 2))
+  assert float(metrics.compute()['seg_loss']) == pytest.approx(
+      np.mean(losses), rel=1e-5)
+  _, _, pixel_metrics = _run('self_training', 1, (target,))
+  assert float(pixel_metrics.compute()['seg_loss']) == pytest.approx(
+      np.sum(valid * losses) / np.sum(valid), rel=1e-5)
+  assert abs(np.mean(losses) - np.sum(valid * losses) / np.sum(valid)) > 0.05
+
+
+_UNEQUAL_TARGET = {}   # one batch object: _run caches by its id
+
+
 # ------------------------------------------------------ config checks --
 
 def _problems(config, devices):
@@ -331,7 +405,8 @@ def test_source_only_warmup_does_not_split_a_target_batch():
 def test_remat_value_and_model_are_checked(monkeypatch):
   config = default.get_config()
   config.model.remat = 'layers'
-  assert "model.remat: 'layers', expected one of ('none', 'blocks')" in (
+  assert ("model.remat: 'layers', expected one of ('none', 'blocks', "
+          "'groups')") in (
       _problems(config, 1))
   config.model.remat = 'blocks'
   config_checks.validate(config, num_devices=1)

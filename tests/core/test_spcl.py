@@ -117,6 +117,66 @@ def test_segmentation_loss_matches_torch_with_temperature():
                              expected.item(), rtol=1e-5)
 
 
+def _two_images_of_unequal_coverage():
+  """Logits [2, 2, 2, 2] and labels [2, 2, 2]: image 0 has one valid pixel
+  (CE ln 2), image 1 three (CE ln(4/3) each)."""
+  logits = np.zeros((2, 2, 2, 2), np.float32)
+  logits[1, ..., 0] = math.log(3.0)   # p(class 0) = 3/4 on image 1
+  labels = np.zeros((2, 2, 2), np.int32)
+  labels[0] = [[0, 255], [255, 255]]
+  labels[1] = [[0, 0], [0, 255]]
+  return jnp.asarray(logits), jnp.asarray(labels)
+
+
+def test_per_image_loss_weights_average_each_images_own_mean():
+  """Hand-computed: per image, (ln 2 + ln(4/3)) / 2; per pixel of the
+  batch, (ln 2 + 3 ln(4/3)) / 4; one run of both images: the pixel mean."""
+  logits, labels = _two_images_of_unequal_coverage()
+  weights = spcl.image_loss_weights(labels, 2, images_per_mean=1)
+  np.testing.assert_allclose(weights, [1 / 2, 1 / 6], rtol=1e-6)
+  per_image = spcl.segmentation_loss(logits, labels, image_weights=weights)
+  np.testing.assert_allclose(
+      per_image, (math.log(2) + math.log(4 / 3)) / 2, rtol=1e-6)
+  np.testing.assert_allclose(
+      spcl.segmentation_loss(logits, labels),
+      (math.log(2) + 3 * math.log(4 / 3)) / 4, rtol=1e-6)
+  one_run = spcl.image_loss_weights(labels, 2, images_per_mean=2)
+  np.testing.assert_allclose(one_run, [1 / 4, 1 / 4], rtol=1e-6)
+  np.testing.assert_allclose(
+      spcl.segmentation_loss(logits, labels, image_weights=one_run),
+      spcl.segmentation_loss(logits, labels), rtol=1e-6)
+
+
+def test_an_image_without_valid_pixels_weighs_zero_but_counts():
+  """As a GPU whose loss has no valid pixel in the release (its gradient
+  is 0 there, not NaN): the other image's mean is halved."""
+  logits, labels = _two_images_of_unequal_coverage()
+  labels = labels.at[0].set(255)
+  loss = spcl.segmentation_loss(
+      logits, labels, image_weights=spcl.image_loss_weights(labels, 2, 1))
+  np.testing.assert_allclose(loss, math.log(4 / 3) / 2, rtol=1e-6)
+  with pytest.raises(ValueError, match='3 images per loss mean'):
+    spcl.image_loss_weights(labels, 2, 3)
+
+
+def test_per_image_contrastive_loss_is_the_mean_of_image_losses():
+  rng = np.random.RandomState(0)
+  features = jnp.asarray(rng.randn(3, 4, 5, 8), jnp.float32)
+  prototypes = spcl.l2_normalize(jnp.asarray(rng.randn(6, 8), jnp.float32))
+  mask = rng.randint(0, 6, (3, 4, 5)).astype(np.int32)
+  mask[0, 1:] = 255   # 5, 20 and 16 valid pixels
+  mask[2, 0] = 255
+  mask = jnp.asarray(mask)
+  weighted = spcl.contrastive_loss(
+      features, prototypes, mask, 0.5,
+      image_weights=spcl.image_loss_weights(mask, 6, 1))
+  means = [spcl.contrastive_loss(features[i:i + 1], prototypes,
+                                 mask[i:i + 1], 0.5) for i in range(3)]
+  np.testing.assert_allclose(weighted, np.mean(means), rtol=1e-5)
+  assert abs(float(weighted) - float(spcl.contrastive_loss(
+      features, prototypes, mask, 0.5))) > 1e-4
+
+
 def test_adversarial_losses_match_torch_bce():
   src, tgt = RNG.randn(2, 3, 4, 1), RNG.randn(2, 3, 4, 1)
   bce = torch.nn.functional.binary_cross_entropy_with_logits
@@ -175,6 +235,16 @@ def test_pseudo_labels_and_target_masks():
       [[[1, 0], [255, 2]]])
   with pytest.raises(ValueError, match="'offline' or 'online'"):
     spcl.target_mask('both', logits)
+
+
+def test_a_confidence_equal_to_its_class_threshold_is_kept():
+  # the release (`pseudo_label.py`): 255 where confidence < thres[class]
+  probs = np.array([[0.5, 0.25, 0.25]], np.float32)
+  at, above = np.float32(0.5), np.nextafter(np.float32(0.5), np.float32(1))
+  below = np.nextafter(np.float32(0.5), np.float32(0))
+  labels = [spcl.pseudo_labels(probs, np.array([t, 1, 1], np.float32))
+            for t in (below, at, above)]
+  np.testing.assert_array_equal(np.concatenate(labels), [0, 0, 255])
 
 
 def np_prototype_init(features, mask, c):

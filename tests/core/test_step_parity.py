@@ -115,6 +115,9 @@ def test_released_spcl_step_equals_torch(absent):
   default.released(config)
   stage = config.stages.spcl
   stage.temperature = 0.5  # small τ: the update order matters
+  # the torch side is the released step on one GPU holding the batch's 2 + 2
+  # images: one loss mean over both (per image on 4 GPUs: `:released`'s 1)
+  stage.images_per_loss_mean = 2
   rng = np.random.RandomState(0)
   model = Tiny()
   variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
@@ -423,6 +426,10 @@ def test_released_self_training_steps_equal_torch(source_weight):
     batches.append((target, source))
   if source_weight is not None:
     stage.source_weight = source_weight
+    # 2 target and 3 source images, on one GPU in the torch reference: one
+    # pixel mean over each batch (the released target-only step's n = 2
+    # already is its whole batch)
+    stage.images_per_loss_mean = 0
 
   def run(tx, steps):
     state = train_state.new_train_state(variables, tx, jax.random.PRNGKey(1),

@@ -253,3 +253,60 @@ def test_color_jitter_rejects_bad_parameters():
     transforms_lib.ColorJitter(-0.1, 0.5, 0.5, 0.2)
   with pytest.raises(ValueError, match=r'not in \[-0.5, 0.5\]'):
     transforms_lib.adjust_hue(Image.new('RGB', (2, 2)), 0.7)
+
+
+def test_floor_rounding_truncates_the_scaled_size_as_the_release():
+  """`data.scaled_size_rounding='floor'`: int(side * scale), the released
+  RandomScale; 'round' rounds to the nearest. A scale of 0.5 + 0.7 / 40
+  makes 40 rows 20.7: 20 floored, 21 rounded."""
+  image = np.zeros((40, 60, 3), np.uint8)
+  label = np.zeros((40, 60), np.uint8)
+
+  class FixedScale:   # the rng's uniform draw is the scale
+    def uniform(self, low, high):
+      del low, high
+      return 0.5 + 0.7 / 40
+
+  sizes = {rounding: transforms_lib.scale_crop_flip(
+      image, label, FixedScale(), (0.5, 1.5), None, False, (0, 0, 0),
+      rounding=rounding)[1].shape for rounding in ('round', 'floor')}
+  assert sizes == {'round': (21, 31), 'floor': (20, 31)}   # 60 -> 31.05
+  spec = loaders.PipelineSpec('sim2real_demo/tiny', 'target_train', '/nowhere',
+                              8, scale_range=(0.5, 1.5), crop=(32, 64),
+                              scaled_size_rounding='floor')
+  (scaler,) = [op for op in loaders.transforms_of(spec)
+               if isinstance(op, transforms_lib.RandomScaleCropFlip)]
+  assert scaler.rounding == 'floor'
+
+
+def test_before_resize_jitters_the_stored_image_then_resizes_it():
+  """`data.color_jitter_order='before_resize'` (the released order): the
+  jitter, then the resize; 'after_resize' (ours) the other way round."""
+  def kinds(order):
+    spec = loaders.PipelineSpec('sim2real_demo/tiny', 'source_train',
+                                '/nowhere', 8, size=(32, 64),
+                                color_jitter=(0.5, 0.5, 0.5, 0.2),
+                                color_jitter_order=order)
+    return [type(op).__name__ for op in loaders.transforms_of(spec)
+            if isinstance(op, (transforms_lib.Resize,
+                               transforms_lib.ColorJitter))]
+  assert kinds('after_resize') == ['Resize', 'ColorJitter']
+  assert kinds('before_resize') == ['ColorJitter', 'Resize']
+  with pytest.raises(ValueError, match="colour jitter order 'first'"):
+    kinds('first')
+
+
+def test_the_released_order_reaches_the_source_stream():
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  from spcl_jax.run import context  # pylint: disable=g-import-not-at-top
+  from spcl_jax.run import stage_graph  # pylint: disable=g-import-not-at-top
+  config = demo.get_config()
+  config.data.color_jitter_order = 'before_resize'
+  config.data.scaled_size_rounding = 'floor'
+  ctx = context.Context(config, '/nonexistent', None, None)
+  source = context.train_specs(ctx, stage_graph.STAGE_BY_NAME['warmup'])[
+      'source_iterator']
+  assert source.color_jitter_order == 'before_resize'
+  target = context.train_specs(ctx, stage_graph.STAGE_BY_NAME[
+      'self_training'])['target_iterator']
+  assert target.scaled_size_rounding == 'floor'

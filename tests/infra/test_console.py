@@ -426,6 +426,18 @@ def test_train_progress_leaves_compile_time_out_of_images_per_sec(caplog):
   assert lines[1] == 'warmup: step 6/10  loss 1  8.0 images/s  ETA 4s'
 
 
+def test_train_progress_slow_steps_show_their_rate_and_time(caplog):
+  # a full-size step on a CPU: 2 images in 99 s
+  progress = console.TrainProgress('warmup', 0, 10, 2,
+                                   clock=_Times(100.0, 298.0))
+  progress.step_done(1)
+  with caplog.at_level(py_logging.INFO):
+    scalars = progress.log(3, {'loss': 1.0})
+  assert scalars['warmup/images_per_sec'] == pytest.approx(4 / 198)
+  assert [r.getMessage() for r in caplog.records] == [
+      'warmup: step 3/10  loss 1  0.02 images/s (1m39s a step)  ETA 11m33s']
+
+
 def test_train_progress_last_line_has_no_eta(caplog):
   progress = console.TrainProgress('spcl', 0, 4, 2,
                                    clock=_Times(10.0, 12.0, 13.0))

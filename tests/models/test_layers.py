@@ -154,3 +154,25 @@ def test_torch_layer_init_is_pytorch_default(module):
   assert not np.asarray(layer['flax']['bias']).any()  # flax: zero bias
   assert np.asarray(layer['flax']['kernel']).std() == pytest.approx(
       np.sqrt(2 / fan_in), rel=0.05)  # flax: kaiming-normal
+
+
+def test_torch_layer_init_gives_the_aspp_pytorch_default_biases():
+  """The released classifier sets only its weights (N(0, 0.01)); its biases
+  keep nn.Conv2d's default U(+-1/sqrt(9 N)). layer_init='flax': bias 0."""
+  x = jnp.zeros((1, 32, 32, 3))
+  params = {init: create_model('deeplabv2_vgg16', 5, base_width=8,
+                               layer_init=init).init(jax.random.key(0), x)
+            ['params']['classifier'] for init in ('flax', 'torch')}
+  features = params['torch']['branch0']['kernel'].shape[2]   # N of fc7
+  bound = 1 / np.sqrt(9 * features)
+  torch_biases = np.concatenate([np.asarray(params['torch'][f'branch{i}']
+                                            ['bias']) for i in range(4)])
+  assert np.abs(torch_biases).max() <= bound
+  assert np.abs(torch_biases).min() > 0
+  assert np.abs(torch_biases).max() > bound / 2
+  assert len(set(torch_biases.tolist())) == 20   # four independent draws
+  for init in ('flax', 'torch'):
+    kernel = np.asarray(params[init]['branch0']['kernel'])
+    assert kernel.std() == pytest.approx(0.01, rel=0.05)
+  assert not any(np.asarray(params['flax'][f'branch{i}']['bias']).any()
+                 for i in range(4))

@@ -119,3 +119,26 @@ def test_a_batch_that_does_not_split_over_the_chips_is_named():
   assert aot_compile.unsplit_batches(
       config, stage_graph.TRAINING_STAGES, 4) == [
           'stages.spcl.target_batch_size = 6']
+
+
+def test_a_program_too_large_for_the_chip_is_measured_as_out_of_memory(
+    tmp_path):
+  """libtpu refuses a program whose buffers exceed a v5e chip's 16 GiB
+  (here one 20 GiB temporary); `measure` returns the refusal, and keeps it
+  in its cache like any measurement."""
+  mesh = aot_compile.topology_mesh('v5e:2x2')
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def huge(x):   # a 2**20 x 5 * 2**10 float32 outer product (20 GiB), sorted
+    return jax.numpy.sort(jax.numpy.outer(x, x[:5 * 2**10]), axis=0)[0].sum()
+
+  lowered = jax.jit(huge, out_shardings=replicated).lower(
+      jax.ShapeDtypeStruct((2**20,), 'float32', sharding=replicated))
+  program = aot_compile.Program(lowered, tuple(mesh.devices.flat))
+  cost = aot_compile.measure(program, str(tmp_path))
+  assert cost.out_of_memory.startswith('Ran out of memory'), cost
+  assert 'HBM' in cost.out_of_memory or 'hbm' in cost.out_of_memory, cost
+  assert cost.peak_bytes == 0
+  assert aot_compile.measure(program, str(tmp_path)) == dataclasses.replace(
+      cost, cached=True)
+  assert aot_compile.out_of_memory_message('INTERNAL: something else') == ''

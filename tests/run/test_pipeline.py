@@ -91,6 +91,16 @@ def test_smoke_pipeline_writes_every_stage_and_rerun_skips(tiny_demo,
   thresholds = report['stages']['pseudo_labels']['class_thresholds']
   assert len(thresholds) == 19 and all(0 <= t <= 0.9 for t in thresholds)
   assert report['stages']['prototypes']['classes_with_prototype'] >= 1
+  # what each training stage's source stream sampled; a pass reads in file
+  # order and does not repeat its model's entry
+  for name in ('warmup', 'spcl'):
+    sampled = report['stages'][name]['source_sampling']
+    assert sampled['rule'] == 'uniform', name
+    assert sampled['images'] == report['stages'][name]['steps'] * (
+        report['config']['stages'][name]['source_batch_size']), name
+  for name in ('prototypes', 'pseudo_labels', 'pseudo_labels_2',
+               'self_training'):   # self-training reads no source here
+    assert 'source_sampling' not in report['stages'][name], name
   assert os.listdir(workdir / 'tensorboard')
   for name in STAGES:
     assert (workdir / name / 'done.json').exists()
