@@ -53,6 +53,15 @@ python -m benchmarks.self_training_rounds --config=configs/demo.py --seeds=3 --w
 python -m benchmarks.ablation --config=configs/demo.py:same_domain --seeds=1 --workdir="$ROOT/same128" \
   --rows=full_spcl,source_only
 
+# RESULTS.md "Class-balanced source sampling": the warm-up alone, uniform
+# and the release's class-balanced rule, 3 seeds. ~15 min (2.5 min a run).
+for seed in 0 1 2; do
+  for sampling in uniform class_balanced; do
+    python -m spcl_jax.main --config=configs/demo.py:warmup --workdir="$ROOT/sampling-$sampling-$seed" \
+      --config.seed=$seed --config.data.source_sampling=$sampling
+  done
+done
+
 # RESULTS.md "The regime": source only and the oracle at twice the budget
 # (2200 steps), seed 0. ~20 min.
 for row in source_only oracle; do
