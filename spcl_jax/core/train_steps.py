@@ -111,6 +111,16 @@ def _share_or_one(labels, total, num_classes, weights):
   return micro_batches.share(labels, total, num_classes)
 
 
+def _segmentation_term(logits, labels, total, weights, num_classes,
+                       temperature):
+  """A (micro-)batch's term of a global-batch cross-entropy: its share of
+  the `total` valid pixels times its mean, or its images' sum with the
+  global batch's image `weights`. `logits` are at the labels' size."""
+  return _share_or_one(labels, total, num_classes, weights) * (
+      spcl.segmentation_loss(logits, labels, temperature,
+                             image_weights=weights))
+
+
 def _lr(stage, step):
   return train_state.poly_schedule(stage.lr, stage.schedule_steps, stage.poly_power)(step)
 
@@ -140,10 +150,7 @@ def make_warmup_step(model, discriminator, tx, d_tx, stage, disc_cfg
 
     def micro_step(batch):  # this (micro-)batch's share of every sum
       source, target = batch['source'], batch.get('target')
-      seg_weights = batch['seg_weights']
       size = source['label'].shape[1:3]
-      seg_share = _share_or_one(source['label'], num_seg, num_classes,
-                                seg_weights)
 
       def loss_fn(params):
         if adversarial:
@@ -155,9 +162,9 @@ def make_warmup_step(model, discriminator, tx, d_tx, stage, disc_cfg
                               stage.bn_trainable)
           tgt = None
         src_logits = spcl.upsample_bilinear(src['logits'], size)
-        seg = seg_share * spcl.segmentation_loss(
-            src_logits, source['label'], stage.logit_temperature,
-            image_weights=seg_weights)
+        seg = _segmentation_term(src_logits, source['label'], num_seg,
+                                 batch['seg_weights'], num_classes,
+                                 stage.logit_temperature)
         if not adversarial:
           return seg, (seg, jnp.zeros(()), stats, None, None)
         src_prob = jax.nn.softmax(src_logits / stage.logit_temperature, -1)
@@ -403,10 +410,14 @@ def make_self_training_step(model, tx, stage) -> Callable:
                                                per_mean)
       num_source = micro_batches.num_valid(source['label'], num_classes)
 
+    def term(out, labelled, total, weights):
+      return _segmentation_term(
+          spcl.upsample_bilinear(out['logits'], labelled['label'].shape[1:3]),
+          labelled['label'], total, weights, num_classes,
+          stage.logit_temperature)
+
     def micro_step(batch):
       target, source = batch['target'], batch.get('source')
-      target_weights = batch['target_weights']
-      source_weights = batch.get('source_weights')
 
       def loss_fn(params):
         if source is None:
@@ -417,20 +428,9 @@ def make_self_training_step(model, tx, stage) -> Callable:
           src, tgt, stats = _forward_pair(model, state, params,
                                           source['image'], target['image'],
                                           stage.bn_trainable)
-          source_loss = _share_or_one(source['label'], num_source,
-                                      num_classes, source_weights) * (
-              spcl.segmentation_loss(
-                  spcl.upsample_bilinear(src['logits'],
-                                         source['label'].shape[1:3]),
-                  source['label'], stage.logit_temperature,
-                  image_weights=source_weights))
-        target_loss = _share_or_one(target['label'], num_target, num_classes,
-                                    target_weights) * (
-            spcl.segmentation_loss(
-                spcl.upsample_bilinear(tgt['logits'],
-                                       target['label'].shape[1:3]),
-                target['label'], stage.logit_temperature,
-                image_weights=target_weights))
+          source_loss = term(src, source, num_source,
+                             batch.get('source_weights'))
+        target_loss = term(tgt, target, num_target, batch['target_weights'])
         loss = target_loss + stage.source_weight * source_loss
         return loss, (stats, target_loss, source_loss)
 
