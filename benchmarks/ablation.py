@@ -253,6 +253,13 @@ def row_steps(config, row: Row) -> int:
   return sum(config.stages[s].steps for s in TRAIN_STAGES if s in row.stages)
 
 
+def _without_added_defaults(tree: dict, prefix: str = '') -> dict:
+  return {k: _without_added_defaults(v, f'{prefix}{k}.')
+          if isinstance(v, dict) else v for k, v in tree.items()
+          if isinstance(v, dict)
+          or not config_checks.is_added_default(f'{prefix}{k}', v)}
+
+
 def stage_key(config, stage_name: str) -> str:
   """Identity of a stage's output: the seed, everything outside `stages`
   that can change it, its own stage config and its inputs' keys."""
@@ -268,6 +275,10 @@ def stage_key(config, stage_name: str) -> str:
   }
   identity['data'] = {k: v for k, v in identity['data'].items()
                       if k != 'worker_count'}
+  # a field added later, at the value that computes what its absence did,
+  # is left out: adding a field changes no stage's key (keys made before
+  # this rule, 2026-12-07, differ once)
+  identity = _without_added_defaults(identity)
   text = json.dumps(identity, sort_keys=True, default=str)
   return f'{stage_name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}'
 
@@ -331,7 +342,8 @@ def link_stages(config, row_dir: str, store: str) -> None:
   """`row_dir/<stage>` -> `store/<stage key>` for every stage of the row."""
   os.makedirs(row_dir, exist_ok=True)
   for name in config.stages_to_run:
-    target = os.path.join(store, stage_key(config, name))
+    # absolute: a link's relative target would resolve from `row_dir`
+    target = os.path.abspath(os.path.join(store, stage_key(config, name)))
     os.makedirs(target, exist_ok=True)
     link = os.path.join(row_dir, name)
     if os.path.islink(link) and os.readlink(link) == target:
@@ -477,7 +489,9 @@ def select_rows(names, sweeps: bool, extra: list[str]) -> list[Row]:
     if unknown:
       raise ValueError(f'--rows: unknown rows {unknown}; known: '
                        f'{sorted(by_name)}')
-    chosen = [by_name[n] for n in names]
+    # the --extra_row rows run too, after the named ones
+    chosen = [by_name[n] for n in names] + [
+        row for row in rows[len(main_rows()):] if row.name not in names]
   else:
     chosen = rows + (sweep_rows(by_name['spcl_stage']) if sweeps else [])
   return chosen

@@ -12,6 +12,11 @@ side in one process, with random weights and random inputs.
   python -m benchmarks.step_vs_pytorch --stage=self_training --height=512 \
       --width=1024 --batch=8
 
+  # SegFormer (MiT-B5) beside transformers' PyTorch model: the
+  # self-training step (cross-entropy, AdamW), configs/gta5.py:mit_b5
+  python -m benchmarks.step_vs_pytorch --model=segformer_mit_b5 \
+      --stage=self_training --height=512 --width=512 --batch=2
+
 Ours: the step the pipeline jits (`train_steps.make_warmup_step`,
 `make_spcl_step`, `make_self_training_step`; `jax.jit(step,
 donate_argnums=0)`, compiled by `benchmarks.memory.compile_step`) on
@@ -29,6 +34,15 @@ step in bfloat16 (float32 parameters) and, on a GPU, runs PyTorch under
 `torch.autocast(bfloat16)`; on a CPU PyTorch stays in float32 (autocast
 bfloat16 on a CPU without bfloat16 instructions takes minutes per step at
 128x256). `--torch_dtype` sets PyTorch's dtype explicitly.
+
+With a SegFormer `--model` (`segformer_mit_*`; default config
+configs/gta5.py:mit_b5) PyTorch runs `transformers`'
+SegformerForSemanticSegmentation (random weights, train mode: the
+config's stochastic depth and head dropout) in the self-training step
+only: cross-entropy of its upsampled logits / T on the batch's labels,
+then AdamW with the recipe's groups (head 10x, LayerNorms without weight
+decay) and warm-up-then-poly rate; `--stage` warmup / spcl have no
+PyTorch side there (`--torch=false` runs ours alone).
 
 `--batch` B is B source + B target images (warm-up, SPCL) or B target crops
 (self-training); `--height`/`--width` the source size and, unless
@@ -74,6 +88,7 @@ from spcl_jax.core import spcl
 from spcl_jax.core import train_state
 from spcl_jax import models
 from spcl_jax.models import from_config
+from spcl_jax.models import mit
 from spcl_jax.run import stage_graph
 
 STAGES = stage_graph.TRAINING_STAGES
@@ -98,8 +113,11 @@ _BATCH = flags.DEFINE_integer('batch', 1, 'images per domain per step')
 _STEPS = flags.DEFINE_integer('steps', 3, 'timed steps')
 _UNTIMED = flags.DEFINE_integer('untimed_steps', 1, 'steps before timing '
                                 '(the first is printed as the first call)')
-_MODEL = flags.DEFINE_enum('model', 'deeplabv2_resnet101', list(TORCH_RESNETS),
-                           'DeepLab-v2 backbone (both sides)')
+# SegFormers with a transformers counterpart.
+TORCH_SEGFORMERS = {f'segformer_mit_{v}': v for v in mit.MIT_VARIANTS}
+_MODEL = flags.DEFINE_enum('model', 'deeplabv2_resnet101',
+                           list(TORCH_RESNETS) + list(TORCH_SEGFORMERS),
+                           'the segmenter (both sides)')
 _TORCH = flags.DEFINE_bool('torch', True, 'run the PyTorch reference')
 _JAX = flags.DEFINE_bool('jax', True, 'run our step')
 _PEAK = flags.DEFINE_float(
@@ -180,7 +198,7 @@ def initial_state(config, stage_name: str, seed: int) -> train_state.TrainState:
         rng, jnp.zeros((1, 64, 64, num_classes)))
   bank = spcl.PrototypeBank(
       spcl.l2_normalize(jax.random.normal(
-          rng, (num_classes, model.backbone.num_features))),
+          rng, (num_classes, model.num_features))),
       jnp.zeros((num_classes,), jnp.int32))
   return train_state.new_train_state(variables, tx, rng, prototype_bank=bank,
                                      disc_params=disc_params, d_tx=d_tx)
@@ -366,9 +384,57 @@ def _torch_batches(batches, device):
           for b in batches]
 
 
+def segformer_iteration(config, stage_name: str, batches, device):
+  """`iteration(i) -> {'loss': ...}`: one self-training step of
+  transformers' SegFormer: CE(up(logits) / T) on the target crops, AdamW
+  (the head at `classifier_lr_multiplier` x, no weight decay on LayerNorms
+  where `decay_norms` is False) at the warm-up-then-poly rate."""
+  from benchmarks import segformer_reference  # pylint: disable=g-import-not-at-top
+  if stage_name != 'self_training':
+    raise ValueError(f'the PyTorch SegFormer reference is the self-training '
+                     f'step; {stage_name} has none (run it with --torch=false)')
+  cfg = config.stages[stage_name]
+  model = segformer_reference.random_segformer(
+      TORCH_SEGFORMERS[config.model.name], config.model.num_classes,
+      seed=config.seed, drop_path_rate=config.model.drop_path_rate,
+      classifier_dropout_prob=config.model.head_dropout).to(device).train()
+  # ours: modules named '*norm*' (the LayerNorms; the head's BatchNorm is
+  # `fuse_bn`), as train_state.decay_mask
+  no_decay = lambda name: (not cfg.decay_norms and 'norm' in name
+                           and not name.startswith('decode_head.'))
+  groups = {}
+  for name, param in model.named_parameters():
+    key = (name.startswith('decode_head.'), no_decay(name))
+    groups.setdefault(key, []).append(param)
+  optimizer = torch.optim.AdamW(
+      [{'params': params, 'multiplier': (cfg.classifier_lr_multiplier
+                                         if head else 1.0),
+        'weight_decay': 0.0 if skip else cfg.weight_decay, 'lr': cfg.lr}
+       for (head, skip), params in groups.items()],
+      betas=tuple(cfg.adam_betas), eps=1e-8)
+  schedule = train_state.learning_rate(cfg)
+  (images, labels), = _torch_batches(batches, device)
+
+  def iteration(i):
+    for group in optimizer.param_groups:
+      group['lr'] = group['multiplier'] * float(schedule(i))
+    logits = model(pixel_values=images).logits
+    logits = torch.nn.functional.interpolate(
+        logits, size=labels.shape[1:], mode='bilinear', align_corners=False)
+    loss = torch.nn.functional.cross_entropy(
+        logits / cfg.logit_temperature, labels, ignore_index=255)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {'loss': loss.detach()}
+  return iteration
+
+
 def torch_iteration(config, stage_name: str, batches, device):
   """`iteration(i) -> {'loss': ...}`: one PyTorch step of the stage's
   released design on `batches` (this module's random ones)."""
+  if config.model.name in TORCH_SEGFORMERS:
+    return segformer_iteration(config, stage_name, batches, device)
   cfg = config.stages[stage_name]
   feature_extractor, classifier = torch_segmenter(config, cfg.bn_trainable,
                                                   device)
@@ -555,7 +621,8 @@ def main(argv):
                          f'{DTYPES}')
   if _STEPS.value < 1 or _UNTIMED.value < 1:
     raise app.UsageError('--steps and --untimed_steps must be >= 1')
-  base = flags.FLAGS.config or gta5.get_config()
+  base = flags.FLAGS.config or gta5.get_config(
+      'mit_b5' if _MODEL.value in TORCH_SEGFORMERS else None)
   source_hw = (_HEIGHT.value, _WIDTH.value)
   target_hw = (_TARGET_HEIGHT.value or _HEIGHT.value,
                _TARGET_WIDTH.value or _WIDTH.value)

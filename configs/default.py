@@ -23,11 +23,22 @@ STAGE_NAMES = tuple(stage.name for stage in stage_graph.STAGES)
 
 def _sgd(lr, steps, schedule_steps):
   return ml_collections.ConfigDict({
+      # 'sgd' (momentum, coupled weight decay: the released recipe) or
+      # 'adamw' (decoupled weight decay: DAFormer's MiT recipe)
+      'optimizer': 'sgd',
       'lr': lr,
       'classifier_lr_multiplier': 10.0,
-      'momentum': 0.9,
+      'momentum': 0.9,               # sgd
+      'adam_betas': (0.9, 0.999),    # adamw
       'weight_decay': 5e-4,
+      # False: no weight decay on the parameters of modules named '*norm*'
+      # (the MiT's LayerNorms; DAFormer's custom_keys norm decay_mult 0)
+      'decay_norms': True,
       'poly_power': 0.9,
+      # linear warm-up of the poly schedule over the first steps (mmcv's:
+      # the rate times 1 - (1 - step / W) (1 - ratio)); 0: none
+      'lr_warmup_steps': 0,
+      'lr_warmup_ratio': 1e-6,
       'steps': steps,
       'schedule_steps': schedule_steps,
       # k: the step computes its global batch in k sequential micro-batches
@@ -92,6 +103,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # backward pass instead of storing them (less memory, ~1/3 more
       # compute; same gradients); 'none': store them.
       'remat': 'none',
+      # SegFormer models only (0 for DeepLab): stochastic depth of the last
+      # encoder block (rising linearly from 0 at the first), and dropout
+      # before the head's classifier
+      'drop_path_rate': 0.0,
+      'head_dropout': 0.0,
   })
   c.discriminator = ml_collections.ConfigDict({
       'widths': (64, 128, 256, 512),
@@ -141,6 +157,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # by source_scale_range (() = 1), then cropped (padded if smaller).
       'source_scale_range': (),
       'source_crop_size': (),
+      # What the crop is taken from: 'original' (the stored image, randomly
+      # scaled) or 'resized' (the image resized to source_size first, then
+      # randomly scaled: DAFormer's GTA5 1280x720 -> 512x512 crops).
+      'source_crop_from': 'original',
       'source_flip': False,
       # Which source images the training stages read (warm-up, SPCL, and
       # self-training's joint source): 'uniform', a seeded shuffle of every
@@ -327,6 +347,62 @@ def class_balanced(config) -> None:
   stage's offline target mask keeps the released rule."""
   config.stages.pseudo_labels_2.threshold_quantile = 0.8
   config.stages.pseudo_labels_2.threshold_cap = 1.0
+
+
+def segformer_recipe(config, variant: str) -> None:
+  """SegFormer on a MiT encoder (`segformer_mit_<variant>`) with DAFormer's
+  optimiser and crops (Hoyer et al., CVPR 2022, the GTA5 -> Cityscapes
+  DAFormer config: configs/_base_/schedules/adamw.py, poly10warm.py,
+  configs/_base_/datasets/uda_gta_to_cityscapes_512x512.py):
+    AdamW, lr 6e-5, betas (0.9, 0.999), weight decay 0.01 (none on the
+    LayerNorms: custom_keys norm decay_mult 0), the head at 10x the rate;
+    1500 steps of linear warm-up from 1e-6 x the rate, then poly of power
+    1.0 down to 0 at each stage's last step; batch 2 + 2; the source
+    resized (GTA5 1280x720) then randomly cropped to 512x512 and flipped;
+    stochastic depth 0.1 (DAFormer's mit_b5) and dropout 0.1 before the
+    head's classifier (SegFormer's).
+  SPCL's stages and their lengths are kept (warm-up, SPCL 40k steps each,
+  self-training 20k), each with its own warm-up (a stage starts a fresh
+  AdamW state). Self-training reads 4 target crops of 512x512 (the pixels
+  of 2 + 2).
+  Not DAFormer's: the target of the warm-up and SPCL stages is the
+  recipe's whole 512x1024 image (SPCL's offline pseudo labels are per
+  image), and no crop is retried for holding one class over 75 %.
+  BatchNorm: the MiT has only LayerNorms (no statistics, always trained);
+  the head's one BatchNorm trains in every stage, as DAFormer's head's
+  does (`bn_trainable`; frozen, it would keep its initial statistics and
+  scale). Ported ImageNet encoder weights: model.pretrained_dir
+  (docs/networks.md, "SegFormer and the Mix Transformer")."""
+  config.model.name = f'segformer_mit_{variant}'
+  config.model.drop_path_rate = 0.1
+  config.model.head_dropout = 0.1
+  data = config.data
+  data.source_crop_size = (512, 512)
+  data.source_crop_from = 'resized'
+  data.source_flip = True
+  for name in ('warmup', 'spcl', 'self_training'):
+    stage = config.stages[name]
+    stage.optimizer = 'adamw'
+    stage.lr = 6e-5
+    stage.classifier_lr_multiplier = 10.0
+    stage.adam_betas = (0.9, 0.999)
+    stage.weight_decay = 0.01
+    stage.decay_norms = False
+    stage.poly_power = 1.0
+    stage.lr_warmup_steps = 1500
+    stage.lr_warmup_ratio = 1e-6
+    stage.schedule_steps = stage.steps
+    stage.bn_trainable = True
+  for name in ('warmup', 'spcl'):
+    stage = config.stages[name]
+    stage.source_batch_size = stage.target_batch_size = 2
+  config.stages.self_training.target_batch_size = 4
+  config.stages.self_training.crop_size = (512, 512)
+
+
+def mit_b5(config) -> None:
+  """`segformer_recipe` on MiT-B5 (the `:mit_b5` variant of the recipes)."""
+  segformer_recipe(config, 'b5')
 
 
 def apply_arg(config, arg, variants):

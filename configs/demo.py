@@ -18,6 +18,7 @@ self-training adapts (docs/research_log.md §4). The dataset is built into
   released_labels  self-training reads the released pseudo labels (class
                thresholds: the median capped at 0.9) instead
   res96        96x192 with 4 + 4 images a step (docs/research_log.md §1-§4)
+  mit          SegFormer on a narrow Mix Transformer, pretrained alike
   pretrained, class_balanced  the defaults (kept so that older commands run)
 `:res96,scratch,released_labels` is the demo as it was before docs/research_log.md §4,
 `:res96` the demo of §4's class-balanced subsection.
@@ -37,6 +38,9 @@ from configs import demo_pretrain
 SHIPPED_PRETRAINED_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'weights',
     'demo_pretrain_resnet18_w16')
+# The same for the `mit` variant's encoder (configs/demo_pretrain.py:mit).
+SHIPPED_MIT_PRETRAINED_DIR = os.path.join(
+    os.path.dirname(SHIPPED_PRETRAINED_DIR), 'demo_pretrain_mit_demo')
 
 
 def smoke(config):
@@ -48,6 +52,7 @@ def smoke(config):
   for name in ('warmup', 'spcl', 'self_training'):
     stage = config.stages[name]
     stage.steps, stage.schedule_steps, stage.eval_every_steps = 4, 6, 4
+    stage.lr_warmup_steps = min(stage.lr_warmup_steps, stage.steps)
   for name in ('warmup', 'spcl'):  # a multiple of 8 simulated devices
     stage = config.stages[name]
     stage.source_batch_size = stage.target_batch_size = 8
@@ -68,6 +73,39 @@ def pretrained(config):
   ImageNet weights are)."""
   config.model.pretrained_dir = SHIPPED_PRETRAINED_DIR
   config.model.pretrain_if_missing = True
+
+
+def mit(config):
+  """SegFormer on the narrow MiT (`segformer_mit_demo`: B0's shape at half
+  its widths, one block a stage) with its own stand-in pretraining
+  (configs/demo_pretrain.py:mit, shipped in weights/) and the MiT recipe's
+  optimiser (default.segformer_recipe) at the demo's scale: AdamW, the
+  head at 10x, no decay on LayerNorms, poly 1.0 after a linear warm-up of
+  `MIT_DEMO_WARMUP_STEPS`; stochastic depth and head dropout 0.1. Sizes,
+  batches, stage lengths and BatchNorm (the head's, trained) are the
+  ResNet-18 demo's: the same budget."""
+  config.model.name = 'segformer_mit_demo'
+  config.model.base_width = 64    # unused: the variant fixes the widths
+  config.model.drop_path_rate = 0.1
+  config.model.head_dropout = 0.1
+  config.pretrain = demo_pretrain.get_config('mit')
+  config.model.pretrained_dir = SHIPPED_MIT_PRETRAINED_DIR
+  config.model.pretrain_if_missing = True
+  for name in ('warmup', 'spcl', 'self_training'):
+    stage = config.stages[name]
+    stage.optimizer = 'adamw'
+    stage.lr = MIT_DEMO_LR
+    stage.weight_decay = 0.01
+    stage.decay_norms = False
+    stage.poly_power = 1.0
+    stage.lr_warmup_steps = min(MIT_DEMO_WARMUP_STEPS, stage.steps)
+
+
+# The `mit` variant's rate and warm-up: DAFormer's 6e-5 times 10 for the
+# demo's 36x shorter schedule (the ResNet-18 demo runs SGD at 40x the
+# recipe's rate), a warm-up of 1/12 of the warm-up stage; not tuned.
+MIT_DEMO_LR = 6e-4
+MIT_DEMO_WARMUP_STEPS = 50
 
 
 def scratch(config):
@@ -167,6 +205,7 @@ def get_config(arg=None):
                                          'oracle': default.oracle,
                                          'same_domain': same_domain,
                                          'pretrained': pretrained,
+                                         'mit': mit,
                                          'class_balanced':
                                              default.class_balanced,
                                          'scratch': scratch,

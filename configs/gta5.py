@@ -6,7 +6,9 @@ VGG-specific optimiser numbers, so the ResNet recipe's are kept),
 `source_only` (warm-up with adversarial weight 0), `released` (every
 behaviour of the released code, spcl_jax.run.released.RELEASED),
 `class_balanced` (self-training on the top 20 % of each class's pseudo labels instead of
-the released median rule; default.class_balanced).
+the released median rule; default.class_balanced), `mit_b5` (SegFormer on
+MiT-B5 with DAFormer's AdamW recipe, 512x512 source crops;
+default.segformer_recipe says every number and its source).
 """
 
 from configs import default
@@ -30,5 +32,6 @@ def get_config(arg=None):
   return default.apply_arg(config, arg, {'vgg16': vgg16,
                                          'source_only': source_only,
                                          'released': default.released,
+                                         'mit_b5': default.mit_b5,
                                          'class_balanced':
                                              default.class_balanced})

@@ -5,7 +5,7 @@ release (`data.source_sampling`). The released protocol: a 16-way
 head over SYNTHIA's 16 classes; Cityscapes pixels of terrain, truck and train
 are ignored (neither trained on nor counted); mIoU over the 16 classes, with
 the 13-class subset reported beside it. Variants: `vgg16`, `source_only`,
-`released`, `class_balanced` (as in configs/gta5.py).
+`released`, `class_balanced`, `mit_b5` (as in configs/gta5.py).
 """
 
 from configs import default
@@ -24,5 +24,6 @@ def get_config(arg=None):
   return default.apply_arg(config, arg, {'vgg16': gta5.vgg16,
                                          'source_only': gta5.source_only,
                                          'released': default.released,
+                                         'mit_b5': default.mit_b5,
                                          'class_balanced':
                                              default.class_balanced})

@@ -17,7 +17,9 @@ from absl import flags
 
 from spcl_jax.models import porting
 
-_ARCH = flags.DEFINE_enum('arch', None, sorted(porting.BACKBONES),
+TORCHVISION_ARCHS = sorted(a for a, b in porting.BACKBONES.items()
+                           if b.source == 'torchvision')
+_ARCH = flags.DEFINE_enum('arch', None, TORCHVISION_ARCHS,
                           'torchvision architecture of the state dict.')
 _SRC = flags.DEFINE_string('src', None, 'torchvision state dict (.pth).')
 _DST = flags.DEFINE_string('dst', None, 'output directory (must not exist '
@@ -44,12 +46,9 @@ def read_state_dict(path: str):
 
 
 def convert(arch: str, src: str, dst: str, overwrite: bool = False) -> None:
-  try:
-    porting.check_local_output(dst)
-  except ValueError as e:
-    raise SystemExit(str(e)) from e
-  if os.path.exists(dst) and not overwrite:
-    raise SystemExit(f'{dst} exists; pass --overwrite to replace it')
+  problem = porting.output_problem(dst, overwrite)
+  if problem:
+    raise SystemExit(problem)
   if not os.path.isfile(src):
     raise SystemExit(f'--src {src}: no such file')
   state_dict = read_state_dict(src)
@@ -64,19 +63,7 @@ def convert(arch: str, src: str, dst: str, overwrite: bool = False) -> None:
                   if k in porting.BACKBONES[arch].torch_keys_not_loaded
                   or k.endswith('num_batches_tracked')),
               'fresh_modules': list(porting.BACKBONES[arch].fresh_modules)}
-  if os.path.exists(dst):
-    # Replace atomically enough: the new tree is complete before the old goes.
-    backup = f'{dst}.old-{os.getpid()}'
-    os.rename(dst, backup)
-    try:
-      porting.save_ported(dst, arch, variables, metadata)
-    except BaseException:
-      os.rename(backup, dst)
-      raise
-    import shutil  # pylint: disable=g-import-not-at-top
-    shutil.rmtree(backup)
-  else:
-    porting.save_ported(dst, arch, variables, metadata)
+  porting.write_ported(dst, arch, variables, metadata, overwrite)
   print(f'wrote {arch} backbone weights to {dst}', file=sys.stderr)
 
 

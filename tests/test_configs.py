@@ -18,12 +18,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('synthia', ''), ('synthia', 'vgg16'), ('synscapes', ''), ('demo', ''),
     ('demo', 'smoke'), ('demo', 'oracle,warmup'), ('demo', 'source_only'),
     ('demo', 'pretrained,class_balanced'), ('demo', 'scratch,released_labels'),
-    ('demo', 'res96,scratch,released_labels'), ('gta5', 'class_balanced')])
+    ('demo', 'res96,scratch,released_labels'), ('gta5', 'class_balanced'),
+    ('gta5', 'mit_b5'), ('synthia', 'mit_b5'), ('synscapes', 'mit_b5'),
+    ('demo', 'mit'), ('demo', 'mit,smoke')])
 def test_every_config_and_variant_validates(name, args):
   config = importlib.import_module(f'configs.{name}').get_config(args)
-  # the recipes on one GPU node of the paper; the CPU demo's 2 + 2 images a
-  # step on (at most) two devices
-  devices = 2 if name == 'demo' and args != 'smoke' else 4
+  # the recipes on one GPU node of the paper (the MiT recipe's 2 + 2 on
+  # two); the CPU demo's 2 + 2 images a step on (at most) two devices
+  devices = 2 if (name == 'demo' and 'smoke' not in args
+                  or 'mit_b5' in args) else 4
   config_checks.validate(config, num_devices=devices)
 
 
@@ -226,3 +229,33 @@ def test_the_released_table_names_every_released_field_and_value():
   for behaviour, _, _, field, why in rows:
     names_field = re.search(r'`[a-z_.]+=[^`]+`', field)
     assert names_field or (why and why != '–'), behaviour
+
+
+@pytest.mark.parametrize('name', ['gta5', 'synthia', 'synscapes'])
+def test_mit_b5_holds_daformers_recipe(name):
+  """`:mit_b5`: DAFormer's AdamW numbers in every training stage, the
+  source resized then cropped to 512x512, SPCL's stage lengths, and
+  nothing else of the recipe changed."""
+  plain = importlib.import_module(f'configs.{name}').get_config()
+  config = importlib.import_module(f'configs.{name}').get_config('mit_b5')
+  assert config.model.name == 'segformer_mit_b5'
+  assert (config.model.drop_path_rate, config.model.head_dropout) == (0.1, 0.1)
+  for stage_name in ('warmup', 'spcl', 'self_training'):
+    stage = config.stages[stage_name]
+    assert (stage.optimizer, stage.lr, stage.classifier_lr_multiplier,
+            tuple(stage.adam_betas), stage.weight_decay, stage.decay_norms,
+            stage.poly_power, stage.lr_warmup_steps, stage.lr_warmup_ratio,
+            stage.bn_trainable) == ('adamw', 6e-5, 10.0, (0.9, 0.999), 0.01,
+                                    False, 1.0, 1500, 1e-6, True)
+    assert stage.steps == stage.schedule_steps == plain.stages[
+        stage_name].steps
+  for stage_name in ('warmup', 'spcl'):
+    stage = config.stages[stage_name]
+    assert (stage.source_batch_size, stage.target_batch_size) == (2, 2)
+  assert config.stages.self_training.target_batch_size == 4
+  assert tuple(config.stages.self_training.crop_size) == (512, 512)
+  assert tuple(config.data.source_crop_size) == (512, 512)
+  assert config.data.source_crop_from == 'resized' and config.data.source_flip
+  assert config.data.source_size == plain.data.source_size
+  assert config.data.source_sampling == plain.data.source_sampling
+  assert config.stages.spcl.temperature == plain.stages.spcl.temperature

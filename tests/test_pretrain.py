@@ -115,3 +115,37 @@ def test_shipped_weights_follow_the_recipe_and_load_into_the_demo_model():
     assert np.all(np.isfinite(value)), path
   assert not np.allclose(loaded[('conv1', 'kernel')],
                          initial[('conv1', 'kernel')])
+
+
+def test_mit_encoder_pretrains_with_adamw_and_loads_into_segformer(tmp_path):
+  """configs/demo_pretrain.py:mit: the MiT encoder (no BatchNorm, several
+  maps: the classifier pools the last) trains with AdamW, is written
+  without an empty statistics collection and loads into the segmenter."""
+  config = demo_pretrain.get_config('smoke,mit')
+  assert config.optimizer == 'adamw'
+  backbone, _ = pretraining_lib.pretrain(config)
+  output = str(tmp_path / 'mit')
+  pretraining_lib.write_backbone(output, config, backbone, {})
+  variables = models.load_pretrained(output, 'segformer_mit_demo', 19,
+                                     jax.random.key(1))
+  saved = flax.traverse_util.flatten_dict(backbone['params'])
+  loaded = flax.traverse_util.flatten_dict(variables['params']['backbone'])
+  assert saved.keys() == loaded.keys()
+  for path, value in saved.items():
+    np.testing.assert_array_equal(np.asarray(loaded[path]), value)
+  fresh = models.init_variables(
+      models.create_model('segformer_mit_demo', 19), jax.random.key(1))
+  assert not np.allclose(loaded[('patch_embed1', 'kernel')],
+                         fresh['params']['backbone']['patch_embed1']['kernel'])
+
+
+def test_shipped_mit_weights_follow_the_recipe():
+  """configs/demo.py:mit reads its own shipped encoder, made with
+  configs/demo_pretrain.py:mit as it is (ensure_pretrained compares)."""
+  config = demo.get_config('mit')
+  assert config.model.pretrained_dir == demo.SHIPPED_MIT_PRETRAINED_DIR
+  metadata = workdir.read_json(os.path.join(config.model.pretrained_dir,
+                                            'metadata.json'))
+  assert metadata['arch'] == 'mit_demo' and metadata['val_accuracy'] >= 0.9
+  variables = pretraining_lib.initial_variables(config, jax.random.key(0))
+  assert set(variables['params']) == {'backbone', 'classifier'}

@@ -40,39 +40,85 @@ def poly_schedule(lr: float, schedule_steps: int, power: float):
                                    transition_steps=schedule_steps)
 
 
+def learning_rate(stage: ml_collections.ConfigDict):
+  """The segmenter's learning rate at each step: the poly schedule, times
+  mmcv's linear warm-up factor 1 - (1 - step / W) (1 - r) over the first
+  W = `lr_warmup_steps` steps (r = `lr_warmup_ratio`: the factor at step
+  0), as DAFormer's schedule. W = 0 (and a stage config without the
+  field): no warm-up."""
+  poly = poly_schedule(stage.lr, stage.schedule_steps, stage.poly_power)
+  warmup_steps = int(stage.get('lr_warmup_steps', 0))
+  if not warmup_steps:
+    return poly
+  ratio = float(stage.lr_warmup_ratio)
+
+  def schedule(step):
+    progress = jnp.minimum(step / warmup_steps, 1.0)
+    # = 1 - (1 - progress)(1 - ratio), without its float32 cancellation
+    return poly(step) * (ratio + (1.0 - ratio) * progress)
+  return schedule
+
+
+# `stages.<stage>.optimizer`: the segmenter's optimisers.
+OPTIMIZERS = ('sgd', 'adamw')
+
+
 def _param_groups(params, batch_stats, bn_trainable: bool):
-  """'classifier' (the ASPP head), 'frozen' (BatchNorm affine parameters
-  when BN is frozen) or 'backbone', for every parameter leaf."""
+  """'classifier' (the head: ASPP, or SegFormer's decode head), 'frozen'
+  (BatchNorm affine parameters when BN is frozen) or 'backbone', for every
+  parameter leaf."""
   bn_modules = {path[:-1] for path in flax.traverse_util.flatten_dict(
       flax.core.unfreeze(batch_stats))}
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
   labels = {}
   for path in flat:
-    if path[0] == 'classifier':
-      labels[path] = 'classifier'
-    elif path[:-1] in bn_modules and not bn_trainable:
+    if path[:-1] in bn_modules and not bn_trainable:
       labels[path] = 'frozen'
+    elif path[0] == 'classifier':
+      labels[path] = 'classifier'
     else:
       labels[path] = 'backbone'
   return flax.traverse_util.unflatten_dict(labels)
 
 
+def decay_mask(params, decay_norms: bool):
+  """True for the parameters weight decay reaches: all of them, or with
+  `decay_norms` False all but those of modules whose name contains 'norm'
+  (the MiT's LayerNorms; DAFormer's `custom_keys={'norm': decay_mult 0}`)."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  return flax.traverse_util.unflatten_dict({
+      path: decay_norms or not any('norm' in name for name in path[:-1])
+      for path in flat})
+
+
 def segmenter_optimizer(stage: ml_collections.ConfigDict, params,
                         batch_stats) -> optax.GradientTransformation:
-  """SGD with momentum and PyTorch-style (coupled) weight decay on a poly
-  schedule; the classifier at `classifier_lr_multiplier` x the rate; frozen
-  BatchNorm parameters are not touched (no decay either)."""
-  schedule = poly_schedule(stage.lr, stage.schedule_steps, stage.poly_power)
+  """The segmenter's optimiser on `learning_rate(stage)`, the classifier
+  at `classifier_lr_multiplier` x the rate, frozen BatchNorm parameters not
+  touched (no decay either). `stage.optimizer`: 'sgd' (momentum,
+  PyTorch-style coupled weight decay: the released recipe) or 'adamw'
+  (decoupled weight decay, PyTorch's AdamW: DAFormer's recipe)."""
+  schedule = learning_rate(stage)
+  kind = stage.get('optimizer', 'sgd')
+  decay_norms = stage.get('decay_norms', True)
+  mask = None if decay_norms else decay_mask(params, decay_norms)
 
-  def sgd(multiplier):
-    return optax.chain(
-        optax.add_decayed_weights(stage.weight_decay),
-        optax.sgd(lambda step: multiplier * schedule(step),
-                  momentum=stage.momentum))
+  def group(multiplier):
+    rate = lambda step: multiplier * schedule(step)
+    if kind == 'sgd':
+      return optax.chain(
+          optax.add_decayed_weights(stage.weight_decay, mask),
+          optax.sgd(rate, momentum=stage.momentum))
+    if kind == 'adamw':
+      b1, b2 = stage.adam_betas
+      return optax.adamw(rate, b1=b1, b2=b2, eps=1e-8,
+                         weight_decay=stage.weight_decay, mask=mask)
+    raise ValueError(f'optimizer: {kind!r}, expected one of {OPTIMIZERS}')
 
   groups = _param_groups(params, batch_stats, stage.bn_trainable)
   return optax.multi_transform(
-      {'backbone': sgd(1.0), 'classifier': sgd(stage.classifier_lr_multiplier),
+      {'backbone': group(1.0),
+       'classifier': group(stage.classifier_lr_multiplier),
        'frozen': optax.set_to_zero()}, groups)
 
 

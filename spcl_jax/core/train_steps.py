@@ -59,15 +59,20 @@ def split_batch_fields(name: str, stage) -> tuple:
 
 # ------------------------------------------------------------------- steps --
 
-def _apply(model, state, params, images, bn_trainable):
+def _apply(model, state, params, images, bn_trainable, stream: int = 0):
   """Forward pass; with trainable BN, also the updated statistics (a model
-  without BatchNorm, VGG-16, has none to update)."""
+  without BatchNorm, VGG-16, has none to update). A model with stochastic
+  depth or dropout (SegFormer) draws them from the step's key folded with
+  `stream` (0: source images, 1: target images); the micro-batches of an
+  accumulated step share those keys."""
   variables = {'params': params, 'batch_stats': state.batch_stats}
+  rngs = {'dropout': jax.random.fold_in(state.rng, stream)}
   if bn_trainable and state.batch_stats:
     out, updates = model.apply(variables, images, train=True,
-                               mutable=['batch_stats'])
+                               mutable=['batch_stats'], rngs=rngs)
     return out, updates['batch_stats']
-  return model.apply(variables, images, train=True), state.batch_stats
+  return (model.apply(variables, images, train=True, rngs=rngs),
+          state.batch_stats)
 
 
 def _forward_pair(model, state, params, source_images, target_images,
@@ -75,7 +80,7 @@ def _forward_pair(model, state, params, source_images, target_images,
   """Source then target forward pass (BN statistics threaded through)."""
   src, stats = _apply(model, state, params, source_images, bn_trainable)
   tgt, stats = _apply(model, state.replace(batch_stats=stats), params,
-                      target_images, bn_trainable)
+                      target_images, bn_trainable, stream=1)
   return src, tgt, stats
 
 
@@ -122,7 +127,7 @@ def _segmentation_term(logits, labels, total, weights, num_classes,
 
 
 def _lr(stage, step):
-  return train_state.poly_schedule(stage.lr, stage.schedule_steps, stage.poly_power)(step)
+  return train_state.learning_rate(stage)(step)
 
 
 def make_warmup_step(model, discriminator, tx, d_tx, stage, disc_cfg
@@ -323,7 +328,7 @@ def make_spcl_step(model, tx, stage, class_thresholds=None) -> Callable:
       source_mask = spcl.source_mask(source['label'], src['logits'])
       if stage.target_mask == 'online':
         logits = _apply(model, state, state.params, target['image'],
-                        stage.bn_trainable)[0]['logits']
+                        stage.bn_trainable, stream=1)[0]['logits']
       else:  # only the logits' shape is read
         shape = jax.eval_shape(
             lambda images: model.apply(state.variables(), images),
@@ -422,7 +427,7 @@ def make_self_training_step(model, tx, stage) -> Callable:
       def loss_fn(params):
         if source is None:
           tgt, stats = _apply(model, state, params, target['image'],
-                              stage.bn_trainable)
+                              stage.bn_trainable, stream=1)
           source_loss = jnp.zeros((), jnp.float32)
         else:
           src, tgt, stats = _forward_pair(model, state, params,

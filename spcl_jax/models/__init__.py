@@ -1,7 +1,13 @@
 """Model registry: `create_model(name, num_classes, **kw)` and
 `load_pretrained(directory, name, num_classes, rng)`.
 
-Keyword arguments of `create_model`:
+Two families: DeepLab-v2 (`deeplabv2_*`: a dilated ResNet or VGG-16, the
+ASPP v2 classifier, output stride 8) and SegFormer (`segformer_mit_*`: a
+Mix Transformer encoder, the all-MLP head, output stride 4). Both return
+{"features", "logits"} and expose `num_features`.
+
+Keyword arguments of `create_model` (`FAMILY_KW` says which family takes
+which):
   bn_trainable: False (default) freezes BatchNorm (statistics and affine);
     True uses batch statistics under train=True (global over a sharded batch).
   dtype: compute dtype, jnp.float32 (default) or jnp.bfloat16; parameters
@@ -24,6 +30,13 @@ Keyword arguments of `create_model`:
     again, about two more forward passes). Same parameters, same values,
     same gradients. Only for models with blocks (`ModelSpec.has_blocks`),
     'groups' only for those with stages of them (`ModelSpec.has_stages`).
+    SegFormer: 'blocks' rematerialises every transformer block.
+  drop_path_rate (SegFormer): stochastic depth of the last encoder block,
+    rising linearly from 0 at the first (default 0).
+  head_dropout (SegFormer): dropout before the head's classifier (default 0).
+SegFormer's layers always take SegFormer's initialisation (`layer_init`
+changes nothing in them; a config's `model.layer_init` still initialises
+the discriminator); its BatchNorm keyword arguments are its head's.
 """
 
 from typing import NamedTuple
@@ -35,7 +48,9 @@ import jax.numpy as jnp
 from spcl_jax.models.deeplab import ASPPv2, DeepLabV2
 from spcl_jax.models.discriminator import Discriminator
 from spcl_jax.models.layers import REMAT_MODES, BatchNorm
+from spcl_jax.models import mit
 from spcl_jax.models import porting
+from spcl_jax.models.segformer import SegFormer
 
 
 class ModelSpec(NamedTuple):
@@ -43,6 +58,7 @@ class ModelSpec(NamedTuple):
   backbone_kw: tuple   # fixed keyword arguments of the backbone
   has_blocks: bool = True  # blocks to rematerialise (`remat='blocks'`)
   has_stages: bool = True  # stages of blocks to group (`remat='groups'`)
+  family: str = 'deeplab'  # 'deeplab' or 'segformer' (FAMILY_KW)
 
 
 MODELS = {
@@ -53,11 +69,22 @@ MODELS = {
     # (layer4 runs at stride 8); base_width=16 cuts that ~16x.
     'deeplabv2_resnet18': ModelSpec('resnet18', ()),
     'deeplabv2_vgg16': ModelSpec('vgg16', (), has_stages=False),
+    # SegFormer on MiT-B0 ... B5, and the CPU demo's narrow MiT
+    # (mit.MIT_VARIANTS).
+    **{f'segformer_mit_{v}': ModelSpec(f'mit_{v}', (), has_stages=False,
+                                       family='segformer')
+       for v in mit.MIT_VARIANTS},
 }
 
 _BACKBONE_KW = ('bn_trainable', 'dtype', 'base_width', 'frozen_bn_epsilon',
                 'layer_init', 'remat')
 _HEAD_KW = ('aspp_rates', 'layer_init')   # layer_init: the backbone's too
+# The keyword arguments each family takes.
+FAMILY_KW = {
+    'deeplab': tuple(dict.fromkeys(_BACKBONE_KW + _HEAD_KW)),
+    'segformer': ('bn_trainable', 'dtype', 'frozen_bn_epsilon', 'layer_init',
+                  'remat', 'drop_path_rate', 'head_dropout'),
+}
 
 
 def check_name(name: str) -> ModelSpec:
@@ -80,17 +107,20 @@ def remat_problem(name: str, remat: str) -> str | None:
   return None
 
 
-def create_model(name: str, num_classes: int, **kw) -> DeepLabV2:
-  """The Flax module `name` with a `num_classes`-way ASPP v2 classifier."""
+def create_model(name: str, num_classes: int, **kw) -> DeepLabV2 | SegFormer:
+  """The Flax module `name` with a `num_classes`-way classifier (ASPP v2,
+  or SegFormer's head)."""
   spec = check_name(name)
   problem = remat_problem(name, kw.get('remat', 'none'))
   if problem:
     raise ValueError(problem)
-  unknown = sorted(set(kw) - set(_BACKBONE_KW) - set(_HEAD_KW))
+  unknown = sorted(set(kw) - set(FAMILY_KW[spec.family]))
   if unknown:
-    accepted = sorted(set(_BACKBONE_KW + _HEAD_KW))
+    accepted = sorted(FAMILY_KW[spec.family])
     raise TypeError(f'create_model({name!r}): unknown keyword arguments '
                     f'{unknown}; accepted: {accepted}')
+  if spec.family == 'segformer':
+    return _segformer(spec, num_classes, **kw)
   backbone_kw = {k: v for k, v in kw.items() if k in _BACKBONE_KW}
   head_kw = {k: v for k, v in kw.items() if k in _HEAD_KW}
   dtype = kw.get('dtype', jnp.float32)
@@ -99,13 +129,25 @@ def create_model(name: str, num_classes: int, **kw) -> DeepLabV2:
   return DeepLabV2(backbone, num_classes, dtype=dtype, **head_kw)
 
 
+def _segformer(spec: ModelSpec, num_classes: int, dtype=jnp.float32,
+               bn_trainable: bool = False, frozen_bn_epsilon: float = 1e-5,
+               layer_init: str = 'flax', remat: str = 'none',
+               drop_path_rate: float = 0.0, head_dropout: float = 0.0
+               ) -> SegFormer:
+  del layer_init  # SegFormer's layers have SegFormer's initialisation
+  backbone = porting.BACKBONES[spec.arch].make(
+      drop_path_rate=drop_path_rate, dtype=dtype, remat=remat)
+  return SegFormer(backbone, num_classes, head_dropout, bn_trainable,
+                   frozen_bn_epsilon, dtype)
+
+
 def with_batch_stats(variables: dict) -> dict:
   """`variables` with a `batch_stats` collection, empty for a model without
   BatchNorm (VGG-16), so that every stage reads the same two collections."""
   return {'batch_stats': {}, **variables}
 
 
-def init_variables(model: DeepLabV2, rng: jax.Array, image_size=(64, 64)):
+def init_variables(model: DeepLabV2 | SegFormer, rng: jax.Array, image_size=(64, 64)):
   """Fresh variables {"params", "batch_stats"} (float32) of `model`
   (`batch_stats` empty for a model without BatchNorm)."""
   images = jnp.zeros((1, *image_size, 3), jnp.float32)
@@ -116,15 +158,15 @@ def init_variables(model: DeepLabV2, rng: jax.Array, image_size=(64, 64)):
 def load_pretrained(directory: str, name: str, num_classes: int,
                     rng: jax.Array, **kw):
   """Variables of `create_model(name, num_classes, **kw)` whose backbone holds
-  the weights converted by `python -m data_prep.port_torchvision` into
-  `directory`, and whose head (ASPP; VGG's fc6/fc7) is freshly initialised."""
+  the weights converted by `python -m data_prep.port_torchvision` (or
+  `data_prep.port_transformers`) into `directory`, and whose head (ASPP;
+  VGG's fc6/fc7; SegFormer's decode head) is freshly initialised."""
   spec = check_name(name)
   metadata, ported = porting.restore_ported(directory)
   if metadata['arch'] != spec.arch:
     raise ValueError(f'{directory} holds {metadata["arch"]} weights but '
                      f'{name} needs {spec.arch}; convert them with '
-                     f'`python -m data_prep.port_torchvision --arch '
-                     f'{spec.arch} --src FILE.pth --dst DIR`')
+                     f'{port_command(spec.arch)}')
   model = create_model(name, num_classes, **kw)
   shapes = flax.traverse_util.flatten_dict(jax.eval_shape(
       lambda: init_variables(model, rng)))  # checked before the real init
@@ -133,6 +175,9 @@ def load_pretrained(directory: str, name: str, num_classes: int,
   for target, value in ported.items():
     if target not in shapes or shapes[target].shape != value.shape:
       path = (target[0], *target[2:])
+      if not porting.BACKBONES[spec.arch].takes_base_width:
+        raise ValueError(f'{directory}: ported leaf {"/".join(path)} of '
+                         f'shape {value.shape} does not fit {name}')
       raise ValueError(f'{directory}: ported leaf {"/".join(path)} of shape '
                        f'{value.shape} does not fit {name} at base_width '
                        f'{kw.get("base_width", 64)}; the weights were made '
@@ -144,6 +189,16 @@ def load_pretrained(directory: str, name: str, num_classes: int,
   return with_batch_stats(flax.traverse_util.unflatten_dict(fresh))
 
 
-__all__ = ['ASPPv2', 'BatchNorm', 'DeepLabV2', 'Discriminator', 'MODELS',
-           'REMAT_MODES', 'create_model', 'init_variables', 'load_pretrained',
+def port_command(arch: str) -> str:
+  """The command that writes `arch`'s weights directory."""
+  if porting.BACKBONES[arch].source == 'transformers':
+    return ('`python -m data_prep.port_transformers --arch '
+            f'{arch} --src CHECKPOINT_DIR --dst DIR`')
+  return (f'`python -m data_prep.port_torchvision --arch {arch} '
+          '--src FILE.pth --dst DIR`')
+
+
+__all__ = ['ASPPv2', 'BatchNorm', 'DeepLabV2', 'Discriminator', 'FAMILY_KW',
+           'MODELS', 'REMAT_MODES', 'SegFormer', 'create_model',
+           'init_variables', 'load_pretrained', 'port_command',
            'remat_problem', 'with_batch_stats']

@@ -48,6 +48,10 @@ class DeepLabV2(nn.Module):
   dtype: Dtype = jnp.float32
   layer_init: str = 'flax'   # of the ASPP biases (ASPPv2)
 
+  @property
+  def num_features(self) -> int:
+    return self.backbone.num_features
+
   @nn.compact
   def __call__(self, images, train: bool = False):
     features = self.backbone(images, train)

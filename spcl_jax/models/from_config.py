@@ -7,14 +7,29 @@ import jax.numpy as jnp
 from spcl_jax import models
 
 
+def family(config) -> str:
+  """'deeplab' or 'segformer': the family of the config's model."""
+  return models.check_name(config.model.name).family
+
+
+def width_kwargs(config) -> dict:
+  """The keyword arguments that narrow the config's model (DeepLab's
+  `base_width`; a SegFormer's width is its variant's)."""
+  if family(config) == 'segformer':
+    return {}
+  return {'base_width': config.model.base_width}
+
+
 def model_kwargs(config) -> dict:
   """create_model keyword arguments of the config's model."""
-  return {'dtype': jnp.dtype(config.model.dtype),
-          'aspp_rates': tuple(config.model.aspp_rates),
-          'base_width': config.model.base_width,
-          'frozen_bn_epsilon': config.model.frozen_bn_epsilon,
-          'layer_init': config.model.layer_init,
-          'remat': config.model.get('remat', 'none')}
+  kw = {'dtype': jnp.dtype(config.model.dtype),
+        'frozen_bn_epsilon': config.model.frozen_bn_epsilon,
+        'layer_init': config.model.layer_init,
+        'remat': config.model.get('remat', 'none'), **width_kwargs(config)}
+  if family(config) == 'segformer':
+    return {**kw, 'drop_path_rate': config.model.get('drop_path_rate', 0.0),
+            'head_dropout': config.model.get('head_dropout', 0.0)}
+  return {**kw, 'aspp_rates': tuple(config.model.aspp_rates)}
 
 
 def model_for_stage(config, bn_trainable: bool):

@@ -1,4 +1,6 @@
-"""Mapping torchvision ImageNet state dicts onto our Flax backbones.
+"""Mapping PyTorch state dicts onto our Flax backbones: torchvision's
+ImageNet ResNets and VGG-16, and `transformers`' Mix Transformer (MiT)
+encoders (their keys in transformers 5.x naming, `mit.modern_key`).
 
 `port_state_dict(arch, state_dict)` returns `{"params": ..., "batch_stats":
 ...}` for the backbone of `arch` (see `BACKBONES`) or raises `PortingError`
@@ -23,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from spcl_jax.infra import storage
+from spcl_jax.models import mit as mit_lib
 from spcl_jax.models import resnet as resnet_lib
 from spcl_jax.models import vgg as vgg_lib
 
@@ -35,6 +38,14 @@ class Backbone(NamedTuple):
   torch_prefix: Callable[[tuple], str]       # flax module path -> torch prefix
   torch_keys_not_loaded: tuple               # torch keys deliberately skipped
   fresh_modules: tuple = ()                  # our modules with no torch source
+  takes_base_width: bool = True              # make(base_width=...) narrows it
+  source: str = 'torchvision'                # whose state dicts it ports
+
+
+def _mit(variant: str) -> Backbone:
+  return Backbone(
+      lambda **kw: mit_lib.MixTransformer(mit_lib.MIT_VARIANTS[variant], **kw),
+      mit_lib.hf_prefix, (), takes_base_width=False, source='transformers')
 
 
 BACKBONES = {
@@ -50,11 +61,19 @@ BACKBONES = {
     'vgg16': Backbone(lambda **kw: vgg_lib.VGG16(**kw), vgg_lib.torch_prefix,
                       vgg_lib.TORCH_KEYS_NOT_LOADED,
                       fresh_modules=('fc6', 'fc7')),
+    **{f'mit_{variant}': _mit(variant) for variant in mit_lib.MIT_VARIANTS},
 }
+
+
+def _kernel(w: np.ndarray) -> np.ndarray:
+  """A torch weight as our kernel: convolutions OIHW -> HWIO, linear layers
+  [out, in] -> [in, out]."""
+  return np.transpose(w, (2, 3, 1, 0)) if w.ndim == 4 else w.T
+
 
 # our leaf name -> (torch leaf name, conversion of the torch array)
 _LEAVES = {
-    'kernel': ('weight', lambda w: np.transpose(w, (2, 3, 1, 0))),  # OIHW->HWIO
+    'kernel': ('weight', _kernel),
     'bias': ('bias', lambda b: b),
     'scale': ('weight', lambda w: w),
     'mean': ('running_mean', lambda m: m),
@@ -68,7 +87,8 @@ class PortingError(ValueError):
   def __init__(self, arch, missing, unexpected, mismatched):
     self.missing, self.unexpected, self.mismatched = (missing, unexpected,
                                                       mismatched)
-    lines = [f'the state dict does not fit torchvision {arch}:']
+    lines = [f'the state dict does not fit {BACKBONES[arch].source} {arch}:'
+             if arch in BACKBONES else f'the state dict does not fit {arch}:']
     if missing:
       lines.append(f'  missing keys ({len(missing)}): ' + ', '.join(missing))
     if unexpected:
@@ -89,15 +109,20 @@ def check_arch(arch: str) -> Backbone:
 def backbone_shapes(arch: str, base_width: int = 64):
   """Abstract {"params", "batch_stats"} of the backbone of `arch` (ImageNet
   weights have the default `base_width`; the demo's pretrained ones not)."""
-  module = check_arch(arch).make(base_width=base_width)
+  backbone = check_arch(arch)
+  module = (backbone.make(base_width=base_width) if backbone.takes_base_width
+            else backbone.make())
   return jax.eval_shape(module.init, jax.random.key(0),
                         jnp.zeros((1, 64, 64, 3), jnp.float32))
 
 
 def _torch_shape(leaf: str, shape: tuple) -> tuple:
-  """The torchvision shape of one of our leaves (kernels are HWIO here)."""
-  if leaf == 'kernel':
+  """The torch shape of one of our leaves (convolution kernels are HWIO
+  here, linear kernels [in, out])."""
+  if leaf == 'kernel' and len(shape) == 4:
     return (shape[3], shape[2], shape[0], shape[1])
+  if leaf == 'kernel' and len(shape) == 2:
+    return (shape[1], shape[0])
   return tuple(shape)
 
 
@@ -146,6 +171,18 @@ def check_local_output(dst: str) -> None:
                      f'gsutil -m cp -r LOCAL_DIR/* {dst.rstrip("/")}/')
 
 
+def output_problem(dst: str, overwrite: bool) -> str | None:
+  """Why weights cannot be written at `dst` (a URL; an existing directory
+  without `overwrite`), or None."""
+  try:
+    check_local_output(dst)
+  except ValueError as e:
+    return str(e)
+  if os.path.exists(dst) and not overwrite:
+    return f'{dst} exists; pass --overwrite to replace it'
+  return None
+
+
 def save_ported(dst: str, arch: str, variables, metadata: dict) -> None:
   """Writes DIR/{metadata.json, weights/} atomically: everything goes to a
   temporary sibling directory first, renamed onto `dst` only when complete.
@@ -168,6 +205,25 @@ def save_ported(dst: str, arch: str, variables, metadata: dict) -> None:
     raise
 
 
+def write_ported(dst: str, arch: str, variables, metadata: dict,
+                 overwrite: bool = False) -> None:
+  """`save_ported`, replacing an existing `dst` when `overwrite`: the new
+  tree is complete before the old one goes (restored if writing fails)."""
+  if not os.path.exists(dst):
+    save_ported(dst, arch, variables, metadata)
+    return
+  if not overwrite:
+    raise FileExistsError(f'{dst} exists; pass --overwrite to replace it')
+  backup = f'{dst}.old-{os.getpid()}'
+  os.rename(dst, backup)
+  try:
+    save_ported(dst, arch, variables, metadata)
+  except BaseException:
+    os.rename(backup, dst)
+    raise
+  shutil.rmtree(backup)
+
+
 def restore_ported(directory: str):
   """(metadata, {"params", "batch_stats"}) of a directory made by the porter
   (local, or copied up to a `gs://` URL)."""
@@ -177,7 +233,7 @@ def restore_ported(directory: str):
     raise FileNotFoundError(
         f'{meta_path} not found: {directory} is not a directory written by '
         '`python -m data_prep.port_torchvision --arch ARCH --src FILE.pth '
-        '--dst DIR`')
+        '--dst DIR` (or data_prep.port_transformers for a MiT)')
   metadata = json.loads(storage.read_bytes(meta_path))
   abstract = flax.traverse_util.unflatten_dict(_ported_leaves(
       check_arch_of(metadata, meta_path), metadata.get('base_width', 64)))

@@ -87,7 +87,7 @@ def abstract_step(config, stage_name: str):
   tx = train_state.segmenter_optimizer(cfg, variables['params'],
                                        variables['batch_stats'])
   num_classes = config.model.num_classes
-  num_features = model.backbone.num_features
+  num_features = model.num_features
   d_tx, disc = None, None
   if stage_name == 'warmup' and cfg.adversarial_weight > 0:
     disc = from_config.discriminator_for(config)

@@ -10,6 +10,7 @@ import jax
 import ml_collections
 
 from spcl_jax.core import labels as label_table
+from spcl_jax.core import train_state
 from spcl_jax.core import train_steps
 from spcl_jax.data import loaders
 from spcl_jax.data import resize
@@ -53,7 +54,12 @@ _ADDED_FIELDS = {'model.remat': 'none', 'micro_batches': 1,
                  'images_per_loss_mean': 0,
                  'color_jitter_order': 'after_resize',
                  'scaled_size_rounding': 'round',
-                 'model.pass_bn_epsilon': _old_frozen_bn_epsilon}
+                 'model.pass_bn_epsilon': _old_frozen_bn_epsilon,
+                 'optimizer': 'sgd', 'adam_betas': [0.9, 0.999],
+                 'decay_norms': True, 'lr_warmup_steps': 0,
+                 'lr_warmup_ratio': 1e-6, 'model.drop_path_rate': 0.0,
+                 'model.head_dropout': 0.0,
+                 'source_crop_from': 'original'}
 
 
 # `testing.transfer_guard`: '' (none) or a jax.transfer_guard level.
@@ -121,6 +127,69 @@ def memory_config_problems(config, num_devices: int) -> list:
             f'stages.{name}.micro_batches = {k} does not divide the '
             f'per-device batch of stages.{name}.{key} = {size} on '
             f'{num_devices} devices ({size // num_devices} per device)')
+  return problems
+
+
+# Model fields one family has and the other not, with the value that means
+# "unused" (configs/default.py's).
+_FAMILY_FIELDS = {
+    'deeplab': {'drop_path_rate': 0.0, 'head_dropout': 0.0},
+    # (layer_init also initialises the discriminator: allowed for both)
+    'segformer': {'aspp_rates': (6, 12, 18, 24), 'base_width': 64},
+}
+
+
+def model_family_problems(model) -> list:
+  """Fields set for the other model family than `model.name`'s (e.g. ASPP
+  rates for a SegFormer, stochastic depth for a DeepLab): refused rather
+  than ignored."""
+  if model.name not in models.MODELS:
+    return []  # reported as an unknown model
+  family = models.MODELS[model.name].family
+  problems = []
+  for field, unused in _FAMILY_FIELDS[family].items():
+    value = model.get(field, unused)
+    if (tuple(value) if isinstance(value, (list, tuple)) else value) != unused:
+      problems.append(f'model.{field} = {value!r} but {model.name} is a '
+                      f'{family} model without it; leave it at {unused!r}')
+  for field in ('drop_path_rate', 'head_dropout'):
+    rate = model.get(field, 0.0)
+    if (isinstance(rate, bool) or not isinstance(rate, (int, float))
+        or not 0 <= rate < 1):
+      problems.append(f'model.{field} = {rate!r} must be a number in [0, 1)')
+  return problems
+
+
+def optimizer_problems(config, stages=stage_graph.STAGES) -> list:
+  """What is wrong with the training stages' optimiser fields."""
+  problems = []
+  spec = models.MODELS.get(config.model.name)
+  for name in [s.name for s in stages if s.kind == 'train']:
+    stage = config.stages[name]
+    if (not stage.get('decay_norms', True) and spec is not None
+        and spec.family == 'deeplab'):
+      problems.append(f'stages.{name}.decay_norms = False but '
+                      f'{config.model.name} has no module named *norm* '
+                      '(its BatchNorms are bn*); leave it True')
+    kind = stage.get('optimizer', 'sgd')
+    if kind not in train_state.OPTIMIZERS:
+      problems.append(f'stages.{name}.optimizer: {kind!r}, expected one of '
+                      f'{train_state.OPTIMIZERS}')
+    betas = stage.get('adam_betas', (0.9, 0.999))
+    if len(betas) != 2 or not all(
+        isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+      problems.append(f'stages.{name}.adam_betas = {tuple(betas)!r} must be '
+                      'two numbers in [0, 1)')
+    warmup = stage.get('lr_warmup_steps', 0)
+    if (isinstance(warmup, bool) or not isinstance(warmup, int)
+        or not 0 <= warmup <= stage.schedule_steps):
+      problems.append(f'stages.{name}.lr_warmup_steps = {warmup!r} must be '
+                      'an integer in [0, schedule_steps] (0: no warm-up)')
+    ratio = stage.get('lr_warmup_ratio', 1e-6)
+    if (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+        or not 0 <= ratio <= 1):
+      problems.append(f'stages.{name}.lr_warmup_ratio = {ratio!r} must be a '
+                      'fraction in [0, 1] (of the rate at step 0)')
   return problems
 
 
@@ -256,6 +325,16 @@ def validate(config: ml_collections.ConfigDict,
                     f'{config.testing.transfer_guard!r}, expected one of '
                     f'{TRANSFER_GUARD_LEVELS}')
   problems.extend(source_sampling_problems(config.data))
+  problems.extend(model_family_problems(config.model))
+  problems.extend(optimizer_problems(config, stages))
+  crop_from = config.data.get('source_crop_from', 'original')
+  if crop_from not in ('original', 'resized'):
+    problems.append(f"data.source_crop_from: {crop_from!r}, expected "
+                    "'original' or 'resized'")
+  elif crop_from == 'resized' and not config.data.source_crop_size:
+    problems.append("data.source_crop_from = 'resized' needs "
+                    'data.source_crop_size (the crop taken from the resized '
+                    'source)')
   if config.data.source_scale_range and not config.data.source_crop_size:
     problems.append('data.source_scale_range = '
                     f'{tuple(config.data.source_scale_range)} needs '
@@ -390,6 +469,15 @@ def flatten(config: dict, prefix: str = '') -> dict:
 
 def config_to_json(config) -> dict:
   return json.loads(json.dumps(config.to_dict(), default=list))
+
+
+def is_added_default(key: str, value) -> bool:
+  """Whether flat config `key` is a field added after workdirs were
+  written, at the value that reproduces them (`_ADDED_FIELDS`): a config
+  that differs from an older one only there computes the same."""
+  return any((key == field or key.endswith('.' + field))
+             and not callable(old) and value == old
+             for field, old in _ADDED_FIELDS.items())
 
 
 def _added_with_old_value(key: str, old: dict, new: dict) -> bool:

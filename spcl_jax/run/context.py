@@ -112,6 +112,8 @@ def train_specs(ctx, stage: stage_graph.Stage) -> dict:
     if data.source_crop_size:   # random scale of the original, then crop
       geometry = dict(scale_range=tuple(data.source_scale_range) or None,
                       crop=tuple(data.source_crop_size))
+      if data.get('source_crop_from', 'original') == 'resized':
+        geometry['size'] = tuple(data.source_size)  # resized first
     else:                       # the released recipe: resized, no crop
       geometry = dict(size=tuple(data.source_size))
     return _spec(ctx, data.source, data.source_split, cfg.source_batch_size,

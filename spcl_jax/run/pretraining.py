@@ -32,13 +32,16 @@ SEED_NAMESPACE = 0x5052_4554  # 'PRET'
 
 
 class Classifier(nn.Module):
-  """The segmenter's backbone, global average pooling, a linear layer."""
+  """The segmenter's backbone, global average pooling (of its last map, for
+  an encoder of several), a linear layer."""
   backbone: nn.Module
   num_classes: int
 
   @nn.compact
   def __call__(self, images, train: bool = False):
     features = self.backbone(images, train)
+    if isinstance(features, (list, tuple)):
+      features = features[-1]
     return nn.Dense(self.num_classes, name='head')(features.mean((1, 2)))
 
 
@@ -46,7 +49,7 @@ def backbone_of(config, bn_trainable: bool) -> nn.Module:
   """The backbone of the segmenter `config.model` names (the registry's)."""
   return models.create_model(
       config.model.name, len(builds.pretraining_categories()),
-      base_width=config.model.base_width, bn_trainable=bn_trainable).backbone
+      bn_trainable=bn_trainable, **from_config.width_kwargs(config)).backbone
 
 
 def render_images(seed: int, split: str, count: int, size: int):
@@ -79,8 +82,13 @@ def normalise(images: np.ndarray, config) -> np.ndarray:
 
 
 def optimizer(config) -> optax.GradientTransformation:
+  """SGD with Nesterov momentum and coupled weight decay (`optimizer`
+  'sgd', the ResNet's), or AdamW (`optimizer` 'adamw', the MiT's), on a
+  linear warm-up then cosine decay."""
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, config.lr, config.warmup_steps, config.steps)
+  if config.get('optimizer', 'sgd') == 'adamw':
+    return optax.adamw(schedule, weight_decay=config.weight_decay)
   return optax.chain(
       optax.add_decayed_weights(config.weight_decay),
       optax.sgd(schedule, momentum=config.momentum, nesterov=True))
@@ -132,9 +140,9 @@ def pretrain(config) -> tuple[dict, dict]:
                time.time() - started)
   model = Classifier(backbone_of(config, True),
                      len(builds.pretraining_categories()))
-  variables = model.init(jax.random.key(config.seed),
-                         jnp.zeros((1, config.image_size, config.image_size,
-                                    3)), train=False)
+  variables = models.with_batch_stats(model.init(
+      jax.random.key(config.seed),
+      jnp.zeros((1, config.image_size, config.image_size, 3)), train=False))
   tx = optimizer(config)
   state: dict[str, Any] = {'params': variables['params'],
                            'batch_stats': variables['batch_stats'],
@@ -156,7 +164,7 @@ def pretrain(config) -> tuple[dict, dict]:
       logging.info('pretrain step %d: val accuracy %.3f', index,
                    history[-1]['val_accuracy'])
   backbone = {'params': state['params']['backbone'],
-              'batch_stats': state['batch_stats']['backbone']}
+              'batch_stats': state['batch_stats'].get('backbone', {})}
   summary = {'categories': list(builds.pretraining_categories()),
              'val_accuracy': history[-1]['val_accuracy'],
              'history': history, 'seconds': round(time.time() - started, 1)}
@@ -165,11 +173,19 @@ def pretrain(config) -> tuple[dict, dict]:
 
 def write_backbone(output: str, config, backbone, summary) -> None:
   spec = models.check_name(config.model.name)
+  # no empty collection (a MiT has no BatchNorm statistics): the restore
+  # reads exactly the ported leaves
+  backbone = {name: tree for name, tree in backbone.items() if tree}
   porting.save_ported(output, spec.arch, backbone, {
       'source': 'spcl_jax.pretrain (object-centric classification, '
                 'data_prep/pretrain_render.py)',
       'base_width': config.model.base_width,
       'config': json.loads(config.to_json()), **summary})
+
+
+# Pretraining config fields added after weights were shipped, with the value
+# those weights were made with.
+ADDED_PRETRAINING_FIELDS = {'optimizer': 'sgd'}
 
 
 def ensure_pretrained(directory: str, config) -> str:
@@ -181,6 +197,8 @@ def ensure_pretrained(directory: str, config) -> str:
   if storage.exists(metadata_path):
     made_with = workdir_lib.read_json(metadata_path).get('config')
     wanted = json.loads(config.to_json())
+    if made_with is not None:   # weights made before a field was added
+      made_with = {**ADDED_PRETRAINING_FIELDS, **made_with}
     if made_with is not None and made_with != wanted:
       changed = sorted(k for k in set(made_with) | set(wanted)
                        if made_with.get(k) != wanted.get(k))

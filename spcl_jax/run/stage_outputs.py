@@ -46,4 +46,4 @@ def load_prototypes(ctx, stage_name: str, num_features: int):
 
 
 def model_num_features(model) -> int:
-  return model.backbone.num_features
+  return model.num_features

@@ -66,11 +66,50 @@ def test_stages_are_shared_exactly_where_identical():
   assert key(full, 'warmup') != key(source_only, 'warmup')
   other_seed = ablation.row_config(base, _rows('full_spcl')[0], 1)
   assert key(other_seed, 'warmup') != key(full, 'warmup')
+  # a field added later, at its old behaviour's value, is no change
+  with full.unlocked():
+    full.stages.spcl.optimizer = 'sgd'   # its default: keys as before
+  key_before = key(full, 'spcl')
+  with full.unlocked():
+    del full.stages.spcl['optimizer']
+  assert key(full, 'spcl') == key_before
+  with full.unlocked():
+    full.stages.spcl.optimizer = 'adamw'
+  assert key(full, 'spcl') != key_before
+  with full.unlocked():
+    full.stages.spcl.optimizer = 'sgd'
   # worker count does not change results
   with full.unlocked():
     full.data.worker_count = 7
   assert key(full, 'spcl') == key(ablation.row_config(
       base, _rows('full_spcl')[0], 0), 'spcl')
+
+
+def test_extra_rows_run_beside_the_named_rows():
+  # --rows with --extra_row once ran the named rows only, silently
+  extra = ['tau_1_full=full_spcl:stages.spcl.temperature=1.0']
+  chosen = ablation.select_rows(['self_training_no_cl'], False, extra)
+  assert [r.name for r in chosen] == ['self_training_no_cl', 'tau_1_full']
+  assert chosen[1].overrides == {'stages.spcl.temperature': 1.0}
+  named = ablation.select_rows(['tau_1_full', 'full_spcl'], False, extra)
+  assert [r.name for r in named] == ['tau_1_full', 'full_spcl']
+  assert [r.name for r in ablation.select_rows(None, False, extra)][-1] == (
+      'tau_1_full')
+
+
+def test_stage_links_resolve_from_a_relative_workdir(tmp_path, monkeypatch):
+  # a relative --workdir once gave links relative to the row's directory,
+  # which pointed nowhere and failed the first stage
+  monkeypatch.chdir(tmp_path)
+  config = ablation.row_config(_smoke(), _rows('full_spcl')[0], 0)
+  row_dir = os.path.join('abl', 'rows', 'full_spcl', 'seed0')
+  ablation.link_stages(config, row_dir, os.path.join('abl', 'stages'))
+  for name in config.stages_to_run:
+    link = os.path.join(row_dir, name)
+    assert os.path.isdir(link), name
+    assert os.path.realpath(link) == str(
+        tmp_path / 'abl' / 'stages' / ablation.stage_key(config, name))
+  ablation.link_stages(config, row_dir, os.path.join('abl', 'stages'))
 
 
 def test_paired_difference_and_summary_by_hand():

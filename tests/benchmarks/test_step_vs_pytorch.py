@@ -98,3 +98,24 @@ def test_accelerator_check_stops_without_an_accelerator():
   assert 'no GPU or TPU' in result.stderr
   assert '--cpu-dry-run' in result.stderr
   assert not result.stdout.strip()  # nothing ran
+
+
+def test_segformer_self_training_step_beside_transformers():
+  """SegFormer (MiT-B0, the recipe's AdamW) against transformers' model in
+  the self-training step; a stage without a PyTorch SegFormer side is
+  refused by name."""
+  def run(*extra):
+    return subprocess.run(
+        [sys.executable, '-m', 'benchmarks.step_vs_pytorch', '--dtype=float32',
+         '--model=segformer_mit_b0', '--height=32', '--width=64', '--batch=1',
+         '--steps=1', '--untimed_steps=1', *extra],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, check=False)
+  result = run('--stage=self_training')
+  assert result.returncode == 0, result.stderr[-4000:]
+  table = _tables(result.stdout)['self_training']
+  for row in ('s/step', 'images/s', 'TFLOP/s'):
+    assert all(math.isfinite(float(c)) and float(c) > 0 for c in table[row])
+  refused = run('--stage=spcl', '--jax=false')
+  assert refused.returncode != 0
+  assert ('PyTorch spcl float32: ValueError: the PyTorch SegFormer reference '
+          'is the self-training step') in refused.stdout

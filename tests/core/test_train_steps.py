@@ -70,6 +70,77 @@ def test_sgd_matches_torch_with_classifier_multiplier_and_frozen_bn():
   assert np.abs(np.asarray(moved['backbone']['bn']['scale'])).sum() > 0
 
 
+def test_adamw_matches_torch_with_warmup_head_multiplier_and_norms():
+  """`optimizer='adamw'` (the MiT recipe) against torch.optim.AdamW with
+  mmcv's warm-up-then-poly rate written out by hand: the head at 10x, no
+  weight decay on a LayerNorm, frozen BatchNorm untouched."""
+  rng = np.random.RandomState(0)
+  params = {'backbone': {'fc': {'kernel': rng.randn(3, 2).astype(np.float32)},
+                         'norm1': {'scale': rng.rand(2).astype(np.float32),
+                                   'bias': rng.randn(2).astype(np.float32)}},
+            'classifier': {'logits': {'kernel': rng.randn(2, 4).astype(
+                np.float32)},
+                           'fuse_bn': {'scale': np.ones(2, np.float32),
+                                       'bias': np.zeros(2, np.float32)}}}
+  batch_stats = {'classifier': {'fuse_bn': {'mean': np.zeros(2),
+                                            'var': np.ones(2)}}}
+  lr, steps, warmup, ratio, decay = 0.01, 10, 4, 1e-3, 0.05
+  stage = _stage(optimizer='adamw', lr=lr, schedule_steps=steps,
+                 poly_power=1.0, weight_decay=decay, decay_norms=False,
+                 lr_warmup_steps=warmup, lr_warmup_ratio=ratio,
+                 adam_betas=(0.9, 0.999))
+
+  def rate(i):   # mmcv: poly, times 1 - (1 - i / W)(1 - r) while i < W
+    poly = (1 - i / steps) ** 1.0
+    return poly * (1 - (1 - i / warmup) * (1 - ratio)) if i < warmup else poly
+  schedule = train_state.learning_rate(stage)
+  for i in range(6):
+    assert float(schedule(i)) == pytest.approx(lr * rate(i), rel=1e-5)
+  tx = train_state.segmenter_optimizer(stage, params, batch_stats)
+  opt_state = tx.init(params)
+  fc = torch.nn.Parameter(torch.tensor(params['backbone']['fc']['kernel']))
+  norm = [torch.nn.Parameter(torch.tensor(params['backbone']['norm1'][k]))
+          for k in ('scale', 'bias')]
+  head = torch.nn.Parameter(torch.tensor(
+      params['classifier']['logits']['kernel']))
+  torch_opt = torch.optim.AdamW(
+      [{'params': [fc], 'lr': lr, 'weight_decay': decay},
+       {'params': norm, 'lr': lr, 'weight_decay': 0.0},
+       {'params': [head], 'lr': 10 * lr, 'weight_decay': decay}],
+      betas=(0.9, 0.999), eps=1e-8)
+  scheduler = torch.optim.lr_scheduler.LambdaLR(torch_opt, rate)
+  ours = params
+  for _ in range(5):
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.randn(*p.shape),
+                                               jnp.float32), ours)
+    fc.grad = torch.tensor(np.asarray(grads['backbone']['fc']['kernel']))
+    for p, k in zip(norm, ('scale', 'bias')):
+      p.grad = torch.tensor(np.asarray(grads['backbone']['norm1'][k]))
+    head.grad = torch.tensor(np.asarray(
+        grads['classifier']['logits']['kernel']))
+    updates, opt_state = tx.update(grads, opt_state, ours)
+    ours = optax.apply_updates(ours, updates)
+    torch_opt.step()
+    scheduler.step()
+  for got, want in ((ours['backbone']['fc']['kernel'], fc),
+                    (ours['backbone']['norm1']['scale'], norm[0]),
+                    (ours['backbone']['norm1']['bias'], norm[1]),
+                    (ours['classifier']['logits']['kernel'], head)):
+    np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-5,
+                               atol=1e-6)
+  np.testing.assert_array_equal(ours['classifier']['fuse_bn']['scale'],
+                                np.ones(2))
+  # decay_norms=True decays the LayerNorm too: with zero gradients only
+  # weight decay moves a parameter
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  for decay_norms, moves in ((False, False), (True, True)):
+    stage.decay_norms = decay_norms
+    tx = train_state.segmenter_optimizer(stage, params, batch_stats)
+    step = tx.update(zeros, tx.init(params), params)[0]
+    assert bool(jnp.any(step['backbone']['norm1']['scale'] != 0)) == moves
+    assert bool(jnp.any(step['backbone']['fc']['kernel'] != 0))
+
+
 def test_source_only_warmup_needs_no_target_batch():
   state, step, batches = _small_setup('warmup', adversarial_weight=0.0)
   new_state, metrics = jax.jit(step)(state, batches[0][0])

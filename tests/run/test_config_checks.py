@@ -26,6 +26,24 @@ from spcl_jax.run import config_checks
      "'round']"),
     ('model.pass_bn_epsilon', -1e-5,
      'model.pass_bn_epsilon = -1e-05 must be a number >= 0'),
+    ('stages.warmup.optimizer', 'adam',
+     "stages.warmup.optimizer: 'adam', expected one of ('sgd', 'adamw')"),
+    ('stages.spcl.lr_warmup_steps', 70_000,
+     'stages.spcl.lr_warmup_steps = 70000 must be an integer in [0, '
+     'schedule_steps]'),
+    ('stages.spcl.lr_warmup_ratio', 2.0,
+     'stages.spcl.lr_warmup_ratio = 2.0 must be a fraction in [0, 1]'),
+    ('stages.self_training.adam_betas', (0.9, 1.5),
+     'stages.self_training.adam_betas = (0.9, 1.5) must be two numbers in '
+     '[0, 1)'),
+    ('model.drop_path_rate', 0.1,
+     'model.drop_path_rate = 0.1 but deeplabv2_resnet101 is a deeplab model '
+     'without it; leave it at 0.0'),
+    ('data.source_crop_from', 'resized',
+     "data.source_crop_from = 'resized' needs data.source_crop_size"),
+    ('stages.warmup.decay_norms', False,
+     'stages.warmup.decay_norms = False but deeplabv2_resnet101 has no module '
+     'named *norm*'),
 ])
 def test_a_bad_value_is_refused_naming_its_field(path, value, expected):
   config = gta5.get_config()
@@ -101,4 +119,45 @@ def test_an_older_workdirs_passes_ran_with_its_frozen_epsilon(tmp_path):
   config.model.pass_bn_epsilon = 1e-5
   with pytest.raises(config_checks.ConfigMismatchError,
                      match=r'model.pass_bn_epsilon: .<absent>. -> 1e-05'):
+    config_checks.check_workdir_config(config, str(tmp_path), False)
+
+
+@pytest.mark.parametrize('path,value,expected', [
+    ('model.aspp_rates', (6, 12),
+     'model.aspp_rates = (6, 12) but segformer_mit_b5 is a segformer model '
+     'without it; leave it at (6, 12, 18, 24)'),
+    ('model.base_width', 16, 'model.base_width = 16 but segformer_mit_b5'),
+    ('model.head_dropout', 1.0, 'model.head_dropout = 1.0 must be a number '
+     'in [0, 1)'),
+    ('model.remat', 'groups', "model.remat = 'groups' but model "
+     "'segformer_mit_b5' has no stages of repeated blocks to group"),
+])
+def test_deeplab_fields_are_refused_on_a_segformer(path, value, expected):
+  config = gta5.get_config('mit_b5')
+  block, _, key = path.rpartition('.')
+  with config.unlocked():
+    config[block][key] = value
+  with pytest.raises(ValueError) as error:
+    config_checks.validate(config, num_devices=2)
+  assert expected in str(error.value)
+
+
+def test_a_workdir_written_before_the_optimiser_fields_resumes(tmp_path):
+  """A workdir whose config.json predates the MiT fields (optimizer,
+  warm-up, norms' decay, stochastic depth, crops' origin) resumes with
+  today's defaults, which compute what it did; another value is a change."""
+  config = gta5.get_config()
+  old = config_checks.config_to_json(config)
+  for stage in ('warmup', 'spcl', 'self_training'):
+    for field in ('optimizer', 'adam_betas', 'decay_norms', 'lr_warmup_steps',
+                  'lr_warmup_ratio'):
+      del old['stages'][stage][field]
+  for field in ('drop_path_rate', 'head_dropout'):
+    del old['model'][field]
+  del old['data']['source_crop_from']
+  (tmp_path / 'config.json').write_text(json.dumps(old))
+  config_checks.check_workdir_config(config, str(tmp_path), False)
+  with config.unlocked():
+    config.stages.spcl.optimizer = 'adamw'
+  with pytest.raises(config_checks.ConfigMismatchError, match='optimizer'):
     config_checks.check_workdir_config(config, str(tmp_path), False)

@@ -374,9 +374,26 @@ def test_source_geometry_switch_builds_the_source_stream():
   assert [type(op).__name__ for op in loaders.transforms_of(cropped)][-2:] == [
       'RandomScaleCropFlip', 'Normalize']
   config_checks.validate(config, num_devices=1)
+  config.data.source_crop_from = 'resized'   # DAFormer's: resize, then crop
+  resized = source_spec()
+  assert resized.size == (128, 256)
+  names = [type(op).__name__ for op in loaders.transforms_of(resized)]
+  assert names.index('Resize') < names.index('RandomScaleCropFlip')
+  assert 'Resize' not in [type(op).__name__
+                          for op in loaders.transforms_of(cropped)]
+  config_checks.validate(config, num_devices=1)
+  config.data.source_crop_from = 'resised'
+  with pytest.raises(ValueError, match=r"source_crop_from: 'resised'"):
+    config_checks.validate(config, num_devices=1)
+  config.data.source_crop_from = 'original'
   config.data.source_crop_size = ()
   with pytest.raises(ValueError, match=r'source_scale_range = \(0.5, 1.0\) '
                      'needs data.source_crop_size'):
+    config_checks.validate(config, num_devices=1)
+  config.data.source_scale_range = ()
+  config.data.source_crop_from = 'resized'
+  with pytest.raises(ValueError, match=r"source_crop_from = 'resized' needs "
+                     'data.source_crop_size'):
     config_checks.validate(config, num_devices=1)
 
 
@@ -417,6 +434,27 @@ def test_vgg16_runs_every_stage(tiny_demo, tmp_path):
   for name in ('warmup', 'spcl', 'self_training'):
     assert report['stages'][name]['steps'] == 1, name
   assert not _tree(tmp_path / 'warmup' / 'model').get('batch_stats')
+
+
+@pytest.mark.slow
+def test_mit_demo_runs_every_stage(tiny_demo, tmp_path):
+  """SegFormer on the demo's MiT (`:mit`, its shipped pretraining) runs
+  the six stages: its prototypes are the head's 128-wide fused features,
+  its optimiser AdamW with the MiT recipe's warm-up (clamped to the smoke
+  run's 4 steps), its stochastic depth drawn in training."""
+  _main(tmp_path, tiny_demo, config='configs/demo.py:mit,smoke')
+  report = json.loads((tmp_path / 'report.json').read_text())
+  assert list(report['stages']) == STAGES
+  assert report['config']['model']['name'] == 'segformer_mit_demo'
+  assert report['config']['stages']['warmup']['optimizer'] == 'adamw'
+  for name in ('warmup', 'spcl', 'self_training'):
+    assert report['stages'][name]['steps'] == 4, name
+    assert np.isfinite(report['stages'][name]['miou']), name
+  bank = _tree(tmp_path / 'prototypes' / 'prototypes')
+  assert np.shape(bank['prototypes']) == (19, 128)
+  model = _tree(tmp_path / 'self_training' / 'model')
+  assert set(model['params']) == {'backbone', 'classifier'}
+  assert set(model['batch_stats']['classifier']) == {'fuse_bn'}
 
 
 @pytest.mark.parametrize('seed', [0, 7, 2_147_482, 2_147_483, 20_261_128,
