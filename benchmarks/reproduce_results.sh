@@ -53,6 +53,17 @@ python -m benchmarks.self_training_rounds --config=configs/demo.py --seeds=3 --w
 python -m benchmarks.ablation --config=configs/demo.py:same_domain --seeds=1 --workdir="$ROOT/same128" \
   --rows=full_spcl,source_only
 
+# RESULTS.md "Can another τ make L_cl count?": λ = 0, then τ = 1 and 0.1, 3
+# seeds. ~35 + ~45 min (measured while other runs shared the cores). The
+# logit range of the full-size ResNet-101: ~2 min, 5.3 GiB.
+python -m benchmarks.ablation --config=configs/demo.py --seeds=3 --workdir="$ROOT/tau128" \
+  --rows=self_training_no_cl
+python -m benchmarks.ablation --config=configs/demo.py --seeds=3 --workdir="$ROOT/tau128b" \
+  --rows=full_spcl_tau_1,full_spcl_tau_0.1 \
+  --extra_row='full_spcl_tau_1=full_spcl:stages.spcl.temperature=1.0' \
+  --extra_row='full_spcl_tau_0.1=full_spcl:stages.spcl.temperature=0.1'
+python -m benchmarks.contrastive_logit_range --output="$ROOT/contrastive_logit_range_resnet101.json"
+
 # RESULTS.md "Class-balanced source sampling": the warm-up alone, uniform
 # and the release's class-balanced rule, 3 seeds. ~15 min (2.5 min a run).
 for seed in 0 1 2; do

@@ -140,7 +140,7 @@ def test_unknown_variant_lists_the_variants():
   assert stderr.startswith(
       f"error: --config={DEMO_CONFIG}:nosuchcfg: unknown config argument "
       "'nosuchcfg'; expected stage names ['warmup',"), stderr
-  assert "variants ['class_balanced', 'oracle'," in stderr
+  assert "variants ['class_balanced', 'mit', 'oracle'," in stderr
   assert stderr.count('\n') == 1
 
 
