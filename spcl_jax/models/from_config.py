@@ -12,24 +12,29 @@ def family(config) -> str:
   return models.check_name(config.model.name).family
 
 
+def _family_kwargs(config, kwargs: dict) -> dict:
+  """Those of `kwargs` the config's model family takes (models.FAMILY_KW)."""
+  return {k: v for k, v in kwargs.items()
+          if k in models.FAMILY_KW[family(config)]}
+
+
 def width_kwargs(config) -> dict:
   """The keyword arguments that narrow the config's model (DeepLab's
   `base_width`; a SegFormer's width is its variant's)."""
-  if family(config) == 'segformer':
-    return {}
-  return {'base_width': config.model.base_width}
+  return _family_kwargs(config, {'base_width': config.model.base_width})
 
 
 def model_kwargs(config) -> dict:
   """create_model keyword arguments of the config's model."""
-  kw = {'dtype': jnp.dtype(config.model.dtype),
-        'frozen_bn_epsilon': config.model.frozen_bn_epsilon,
-        'layer_init': config.model.layer_init,
-        'remat': config.model.get('remat', 'none'), **width_kwargs(config)}
-  if family(config) == 'segformer':
-    return {**kw, 'drop_path_rate': config.model.get('drop_path_rate', 0.0),
-            'head_dropout': config.model.get('head_dropout', 0.0)}
-  return {**kw, 'aspp_rates': tuple(config.model.aspp_rates)}
+  model = config.model
+  return _family_kwargs(config, {
+      'dtype': jnp.dtype(model.dtype),
+      'frozen_bn_epsilon': model.frozen_bn_epsilon,
+      'layer_init': model.layer_init, 'remat': model.get('remat', 'none'),
+      'base_width': model.base_width,
+      'aspp_rates': tuple(model.aspp_rates),
+      'drop_path_rate': model.get('drop_path_rate', 0.0),
+      'head_dropout': model.get('head_dropout', 0.0)})
 
 
 def model_for_stage(config, bn_trainable: bool):

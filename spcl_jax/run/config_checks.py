@@ -471,20 +471,24 @@ def config_to_json(config) -> dict:
   return json.loads(json.dumps(config.to_dict(), default=list))
 
 
+def _old_values(key: str) -> list:
+  """The `_ADDED_FIELDS` values (or functions of an old flat config) of
+  flat config `key`: those of the fields it is, by full name or suffix."""
+  return [value for field, value in _ADDED_FIELDS.items()
+          if key == field or key.endswith('.' + field)]
+
+
 def is_added_default(key: str, value) -> bool:
   """Whether flat config `key` is a field added after workdirs were
   written, at the value that reproduces them (`_ADDED_FIELDS`): a config
   that differs from an older one only there computes the same."""
-  return any((key == field or key.endswith('.' + field))
-             and not callable(old) and value == old
-             for field, old in _ADDED_FIELDS.items())
+  return any(not callable(old) and value == old for old in _old_values(key))
 
 
 def _added_with_old_value(key: str, old: dict, new: dict) -> bool:
   return key not in old and any(
-      (key == field or key.endswith('.' + field))
-      and new.get(key) == (value(old) if callable(value) else value)
-      for field, value in _ADDED_FIELDS.items())
+      new.get(key) == (value(old) if callable(value) else value)
+      for value in _old_values(key))
 
 
 def _read_workdir_config(path: str) -> dict:

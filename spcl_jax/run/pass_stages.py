@@ -36,7 +36,7 @@ def run_prototypes_stage(ctx, stage: stage_graph.Stage) -> dict:
       ctx, f'{stage.name}/compile', f'compiling the {stage.name} step',
       jax.jit(pass_steps.make_prototype_init_step(model)))
   sums = spcl.PrototypeInitSums.zeros(config.model.num_classes,
-                                      stage_outputs.model_num_features(model))
+                                      model.num_features)
   for batch in passes.pass_batches(ctx, stage.name, spec):
     sums = sums.merge(init_step(variables,
                                 context.global_batch(ctx, batch)))

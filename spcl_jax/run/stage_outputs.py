@@ -44,6 +44,3 @@ def load_prototypes(ctx, stage_name: str, num_features: int):
   return checkpoint.load_tree(ctx.stage_dir(stage_name, 'prototypes'),
                               checkpoint.abstract_like(abstract, ctx.mesh))
 
-
-def model_num_features(model) -> int:
-  return model.num_features

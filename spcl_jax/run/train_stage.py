@@ -85,10 +85,10 @@ def _initial_state(ctx, stage, model):
   bank = None
   if stage.prototypes_from:
     bank = jax.device_get(stage_outputs.load_prototypes(
-        ctx, stage.prototypes_from, stage_outputs.model_num_features(model)))
+        ctx, stage.prototypes_from, model.num_features))
   state = train_state.new_train_state(
       variables, tx, state_rng, prototype_bank=bank, disc_params=disc_params,
-      d_tx=parts['d_tx'], num_features=stage_outputs.model_num_features(model),
+      d_tx=parts['d_tx'], num_features=model.num_features,
       num_classes=ctx.config.model.num_classes)
   return jax.device_put(state, mesh_lib.replicated(ctx.mesh)), tx, parts
 
