@@ -64,6 +64,12 @@ python -m benchmarks.ablation --config=configs/demo.py --seeds=3 --workdir="$ROO
   --extra_row='full_spcl_tau_0.1=full_spcl:stages.spcl.temperature=0.1'
 python -m benchmarks.contrastive_logit_range --output="$ROOT/contrastive_logit_range_resnet101.json"
 
+# RESULTS.md "SegFormer on the demo": the narrow MiT (configs/demo.py:mit,
+# its shipped stand-in pretraining) at the ResNet-18 demo's budget, 3 seeds.
+# ~28 min a seed, nothing else running.
+python -m benchmarks.ablation --config=configs/demo.py:mit --seeds=3 --workdir="$ROOT/mit128" \
+  --rows=full_spcl,source_only,self_training_no_cl,oracle
+
 # RESULTS.md "Class-balanced source sampling": the warm-up alone, uniform
 # and the release's class-balanced rule, 3 seeds. ~15 min (2.5 min a run).
 for seed in 0 1 2; do

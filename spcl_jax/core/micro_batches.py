@@ -49,23 +49,36 @@ def merge_micro_batches(micro_batches):
       micro_batches)
 
 
+def micro_batch_rng(rng, index, k: int):
+  """The random key micro-batch `index` of k draws its dropout and
+  stochastic depth from: `rng` itself at k = 1 (so an unaccumulated step is
+  unchanged), else `rng` folded with the index, so that no two micro-batches
+  of a step share a mask."""
+  return rng if k == 1 else jax.random.fold_in(rng, index)
+
+
 def sum_over_micro_batches(fn, micro_batches):
-  """Σ_j fn(micro-batch j) for a pytree-valued `fn`, the micro-batches (the
-  leading axis of `micro_batches`' leaves) computed one after the other."""
+  """Σ_j fn(micro-batch j, j) for a pytree-valued `fn`, the micro-batches
+  (the leading axis of `micro_batches`' leaves) computed one after the
+  other; j is an int32 scalar."""
+  k = jax.tree.leaves(micro_batches)[0].shape[0]
+  indices = jnp.arange(k, dtype=jnp.int32)
   first = jax.tree.map(lambda x: x[0], micro_batches)
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                       jax.eval_shape(fn, first))
+                       jax.eval_shape(fn, first, indices[0]))
 
-  def body(total, batch):
-    return jax.tree.map(jnp.add, total, fn(batch)), None
+  def body(total, indexed):
+    index, batch = indexed
+    return jax.tree.map(jnp.add, total, fn(batch, index)), None
 
-  return jax.lax.scan(body, zeros, micro_batches)[0]
+  return jax.lax.scan(body, zeros, (indices, micro_batches))[0]
 
 
 def accumulate(fn, batches, k: int):
-  """fn(batches) for k = 1, else the sum of fn over the k micro-batches."""
+  """fn(batches, 0) for k = 1, else the sum of fn(micro-batch j, j) over the
+  k micro-batches."""
   if k == 1:
-    return fn(batches)
+    return fn(batches, 0)
   return sum_over_micro_batches(fn, split_micro_batches(batches, k))
 
 

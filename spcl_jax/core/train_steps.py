@@ -63,8 +63,9 @@ def _apply(model, state, params, images, bn_trainable, stream: int = 0):
   """Forward pass; with trainable BN, also the updated statistics (a model
   without BatchNorm, VGG-16, has none to update). A model with stochastic
   depth or dropout (SegFormer) draws them from the step's key folded with
-  `stream` (0: source images, 1: target images); the micro-batches of an
-  accumulated step share those keys."""
+  `stream` (0: source images, 1: target images); `state.rng` is already
+  the micro-batch's own key in an accumulated step
+  (`micro_batches.micro_batch_rng`)."""
   variables = {'params': params, 'batch_stats': state.batch_stats}
   rngs = {'dropout': jax.random.fold_in(state.rng, stream)}
   if bn_trainable and state.batch_stats:
@@ -82,6 +83,12 @@ def _forward_pair(model, state, params, source_images, target_images,
   tgt, stats = _apply(model, state.replace(batch_stats=stats), params,
                       target_images, bn_trainable, stream=1)
   return src, tgt, stats
+
+
+def _micro_batch_state(state, index, k: int):
+  """`state` with micro-batch `index`'s own random key (the forward passes
+  of an accumulated step read their dropout keys from it)."""
+  return state.replace(rng=micro_batches.micro_batch_rng(state.rng, index, k))
 
 
 def _apply_updates(state, tx, grads, new_stats, **changes):
@@ -153,17 +160,18 @@ def make_warmup_step(model, discriminator, tx, d_tx, stage, disc_cfg
       batches['target'] = target
     num_seg = micro_batches.num_valid(source['label'], num_classes)
 
-    def micro_step(batch):  # this (micro-)batch's share of every sum
+    def micro_step(batch, index):  # this (micro-)batch's share of every sum
       source, target = batch['source'], batch.get('target')
+      state_j = _micro_batch_state(state, index, k)
       size = source['label'].shape[1:3]
 
       def loss_fn(params):
         if adversarial:
-          src, tgt, stats = _forward_pair(model, state, params,
+          src, tgt, stats = _forward_pair(model, state_j, params,
                                           source['image'], target['image'],
                                           stage.bn_trainable)
         else:
-          src, stats = _apply(model, state, params, source['image'],
+          src, stats = _apply(model, state_j, params, source['image'],
                               stage.bn_trainable)
           tgt = None
         src_logits = spcl.upsample_bilinear(src['logits'], size)
@@ -321,13 +329,14 @@ def make_spcl_step(model, tx, stage, class_thresholds=None) -> Callable:
     sources = micro_batches.split_micro_batches(source, k)
     targets = micro_batches.split_micro_batches(target, k)
 
-    def masks_and_sums(sums, batch):  # forward only, at the step's params
-      source, target = batch
-      src, _ = _apply(model, state, state.params, source['image'],
+    def masks_and_sums(sums, indexed):  # forward only, at the step's params
+      index, (source, target) = indexed
+      state_j = _micro_batch_state(state, index, k)
+      src, _ = _apply(model, state_j, state.params, source['image'],
                       stage.bn_trainable)
       source_mask = spcl.source_mask(source['label'], src['logits'])
       if stage.target_mask == 'online':
-        logits = _apply(model, state, state.params, target['image'],
+        logits = _apply(model, state_j, state.params, target['image'],
                         stage.bn_trainable, stream=1)[0]['logits']
       else:  # only the logits' shape is read
         shape = jax.eval_shape(
@@ -346,7 +355,8 @@ def make_spcl_step(model, tx, stage, class_thresholds=None) -> Callable:
     zeros = (jnp.zeros(bank_shape, jnp.float32),
              jnp.zeros(bank_shape[:1], jnp.float32))
     (sums, counts), (source_masks, target_masks) = jax.lax.scan(
-        masks_and_sums, zeros, (sources, targets))
+        masks_and_sums, zeros, (jnp.arange(k, dtype=jnp.int32),
+                                (sources, targets)))
     bank = spcl.update_prototypes(state.prototype_bank, sums, counts,
                                   stage.alpha, stage.decay_absent_classes)
     prototypes = prototypes_for_loss(state, bank)
@@ -358,15 +368,16 @@ def make_spcl_step(model, tx, stage, class_thresholds=None) -> Callable:
         micro_batches.merge_micro_batches(target_masks))
     weights = micro_batches.split_micro_batches(weights, k)
 
-    def micro_step(batch):
+    def micro_step(batch, index):
       source, target, source_mask, target_mask, weights = batch
+      state_j = _micro_batch_state(state, index, k)
       shares = (1.0, 1.0, 1.0) if per_mean else (
           micro_batches.share(source['label'], num_seg, num_classes),
           micro_batches.share(source_mask, num_source, num_classes),
           micro_batches.share(target_mask, num_target, num_classes))
 
       def loss_fn(params):
-        src, tgt, stats = _forward_pair(model, state, params,
+        src, tgt, stats = _forward_pair(model, state_j, params,
                                         source['image'], target['image'],
                                         stage.bn_trainable)
         terms = loss_terms(src, tgt, source, source_mask, target_mask,
@@ -421,16 +432,17 @@ def make_self_training_step(model, tx, stage) -> Callable:
           labelled['label'], total, weights, num_classes,
           stage.logit_temperature)
 
-    def micro_step(batch):
+    def micro_step(batch, index):
       target, source = batch['target'], batch.get('source')
+      state_j = _micro_batch_state(state, index, k)
 
       def loss_fn(params):
         if source is None:
-          tgt, stats = _apply(model, state, params, target['image'],
+          tgt, stats = _apply(model, state_j, params, target['image'],
                               stage.bn_trainable, stream=1)
           source_loss = jnp.zeros((), jnp.float32)
         else:
-          src, tgt, stats = _forward_pair(model, state, params,
+          src, tgt, stats = _forward_pair(model, state_j, params,
                                           source['image'], target['image'],
                                           stage.bn_trainable)
           source_loss = term(src, source, num_source,

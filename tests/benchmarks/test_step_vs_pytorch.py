@@ -101,13 +101,13 @@ def test_accelerator_check_stops_without_an_accelerator():
 
 
 def test_segformer_self_training_step_beside_transformers():
-  """SegFormer (MiT-B0, the recipe's AdamW) against transformers' model in
-  the self-training step; a stage without a PyTorch SegFormer side is
-  refused by name."""
+  """SegFormer (the demo's MiT, the recipe's AdamW) against transformers'
+  model in the self-training step; a stage without a PyTorch SegFormer side
+  is refused by name."""
   def run(*extra):
     return subprocess.run(
         [sys.executable, '-m', 'benchmarks.step_vs_pytorch', '--dtype=float32',
-         '--model=segformer_mit_b0', '--height=32', '--width=64', '--batch=1',
+         '--model=segformer_mit_demo', '--height=32', '--width=64', '--batch=1',
          '--steps=1', '--untimed_steps=1', *extra],
         cwd=ROOT, env=_env(), capture_output=True, text=True, check=False)
   result = run('--stage=self_training')

@@ -2,8 +2,9 @@
 BatchNorm one step over k micro-batches equals the k = 1 step (parameters,
 optimiser states, discriminator, prototype bank, BN statistics, metrics);
 with trainable BatchNorm it is the share-weighted combination of the k = 1
-steps on each micro-batch (statistics per micro-batch). Also the config
-checks of micro_batches and model.remat. Tiny models: compiling dominates."""
+steps on each micro-batch (statistics per micro-batch); with dropout each
+micro-batch draws its own masks. Also the config checks of micro_batches
+and model.remat. Tiny models: compiling dominates."""
 
 import functools
 
@@ -33,16 +34,21 @@ FAST_COMPILE = {'xla_backend_optimization_level': 0,
 
 
 class TinySegmenter(nn.Module):
-  """A strided convolution, BatchNorm (frozen or trainable), ReLU and a 1x1
-  classifier: DeepLabV2's interface ('features', 'logits') at stride 2."""
+  """A strided convolution, BatchNorm (frozen or trainable), ReLU, dropout
+  (rate 0: none) and a 1x1 classifier: DeepLabV2's interface ('features',
+  'logits') at stride 2."""
   bn_trainable: bool = False
   num_classes: int = C
+  dropout_rate: float = 0.0
 
   @nn.compact
   def __call__(self, x, train=False):  # pylint: disable=redefined-outer-name
     x = nn.Conv(N, (3, 3), strides=(2, 2), use_bias=False, name='conv')(x)
     x = layers.BatchNorm(self.bn_trainable, name='bn')(x, train)
     features = nn.relu(x)
+    if self.dropout_rate:
+      features = nn.Dropout(self.dropout_rate, deterministic=not train)(
+          features)
     logits = nn.Conv(self.num_classes, (1, 1), name='classifier')(features)
     return {'features': features, 'logits': logits}
 
@@ -93,7 +99,8 @@ def _batch(rng, b, h, w, ignore_rows=2):
   return {'image': rng.randn(b, h, w, 3).astype(np.float32), 'label': labels}
 
 
-def _setup(stage_name, micro_batches, bn_trainable=False, **overrides):
+def _setup(stage_name, micro_batches, bn_trainable=False, rng=None,
+           **overrides):
   """(initial state, step) of `stage_name` with `micro_batches`; everything
   else (variables, bank, discriminator) is the same for every k."""
   config = default.get_config()
@@ -102,8 +109,9 @@ def _setup(stage_name, micro_batches, bn_trainable=False, **overrides):
   stage.lr = 0.05  # large enough that the update is far above rounding
   stage.bn_trainable = bn_trainable
   stage.micro_batches = micro_batches
+  dropout_rate = overrides.pop('dropout_rate', 0.0)
   stage.update(overrides)
-  model = TinySegmenter(bn_trainable)
+  model = TinySegmenter(bn_trainable, dropout_rate=dropout_rate)
   variables, bank = _variables()
   tx = train_state.segmenter_optimizer(stage, variables['params'],
                                        variables['batch_stats'])
@@ -120,7 +128,7 @@ def _setup(stage_name, micro_batches, bn_trainable=False, **overrides):
     step = train_steps.make_self_training_step(model, tx, stage)
   state = train_state.new_train_state(variables, tx, jax.random.PRNGKey(3), bank,
                                       disc_params, d_tx)
-  return state, step
+  return state.replace(rng=rng) if rng is not None else state, step
 
 
 @functools.lru_cache(maxsize=None)
@@ -253,6 +261,22 @@ def test_micro_batches_on_eight_devices_equal_one_batch_on_one():
 
 # ------------------------------------------------ trainable BN: defined --
 
+def _assert_share_weighted(many, metrics_many, halves, parts):
+  """The k = 2 step's first SGD update and loss are the k = 1 steps' on
+  the two `halves` (`parts`: their (state, metrics)) weighted by each
+  half's share of the valid pixels (the update is linear in the
+  gradient)."""
+  valid = [float(np.sum(h['label'] != spcl.IGNORE_INDEX)) for h in halves]
+  shares = [v / sum(valid) for v in valid]
+  weighted = jax.tree.map(lambda a, b: shares[0] * a + shares[1] * b,
+                          parts[0][0].params, parts[1][0].params)
+  _assert_trees_close(many.params, weighted, 'params', rtol=1e-4, atol=1e-6)
+  loss = sum(s * float(p[1].compute()['loss']) for s, p in zip(shares,
+                                                               parts))
+  assert float(metrics_many.compute()['loss']) == pytest.approx(loss,
+                                                                rel=1e-5)
+
+
 def test_trainable_bn_is_the_mean_of_per_micro_batch_steps():
   """With trainable BN each micro-batch is normalised by its own statistics:
   the k = 2 step differs from k = 1, and equals the k = 1 steps on each
@@ -266,18 +290,10 @@ def test_trainable_bn_is_the_mean_of_per_micro_batch_steps():
   halves = [jax.tree.map(lambda x, j=j: x[j::2], target) for j in range(2)]
   parts = [_run('self_training', 1, (half,), bn_trainable=True)[1:]
            for half in halves]
-  valid = [float(np.sum(h['label'] != spcl.IGNORE_INDEX)) for h in halves]
-  shares = [v / sum(valid) for v in valid]
   mean_stats = jax.tree.map(lambda a, b: (a + b) / 2, parts[0][0].batch_stats,
                             parts[1][0].batch_stats)
   _assert_trees_close(many.batch_stats, mean_stats, 'batch_stats')
-  weighted = jax.tree.map(lambda a, b: shares[0] * a + shares[1] * b,
-                          parts[0][0].params, parts[1][0].params)
-  _assert_trees_close(many.params, weighted, 'params', rtol=1e-4, atol=1e-6)
-  loss = sum(s * float(p[1].compute()['loss']) for s, p in zip(shares,
-                                                               parts))
-  assert float(metrics_many.compute()['loss']) == pytest.approx(loss,
-                                                                rel=1e-5)
+  _assert_share_weighted(many, metrics_many, halves, parts)
   # BN statistics moved, and per-micro-batch normalisation changed the step
   assert _moved(state.batch_stats, many.batch_stats) > 1e-3
   assert _moved(one.params, many.params) > 1e-5
@@ -286,6 +302,29 @@ def test_trainable_bn_is_the_mean_of_per_micro_batch_steps():
   np.testing.assert_allclose(many.batch_stats['bn']['mean'],
                              one.batch_stats['bn']['mean'], rtol=1e-5,
                              atol=1e-6)
+
+
+def test_each_micro_batch_draws_its_own_dropout():
+  """With dropout, micro-batch j of an accumulated step draws its masks
+  from the step's key folded with j: the k = 2 step equals the k = 1 steps
+  on images 0::2 and 1::2 made with those two keys, combined by their
+  shares of the valid pixels (SGD's first update is linear in the
+  gradient). Micro-batches sharing the step's key would fail this."""
+  _, target = _batches()
+  state, many, metrics_many = _run('self_training', 2, (target,),
+                                   dropout_rate=0.5)
+  halves = [jax.tree.map(lambda x, j=j: x[j::2], target) for j in range(2)]
+  parts = []
+  for j, half in enumerate(halves):
+    start, step = _setup('self_training', 1, dropout_rate=0.5,
+                         rng=jax.random.fold_in(state.rng, j))
+    parts.append(jax.jit(step, compiler_options=FAST_COMPILE)(start, half))
+  _assert_share_weighted(many, metrics_many, halves, parts)
+  # k = 1 keeps the step's own key: dropout is on, and the k = 1 step on
+  # the whole batch differs from one without dropout
+  _, one, _ = _run('self_training', 1, (target,), dropout_rate=0.5)
+  _, plain, _ = _run('self_training', 1, (target,))
+  assert _moved(one.params, plain.params) > 1e-5
 
 
 # ------------------------------------- per-image loss weighting (n > 0) --

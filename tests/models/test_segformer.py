@@ -43,9 +43,10 @@ def test_matches_transformers_segformer(variant):
 
 def test_stage_sizes_round_up():
   model = models.create_model('segformer_mit_demo', 5)
-  variables = models.init_variables(model, jax.random.key(0), (33, 50))
-  maps = model.apply(variables, jnp.zeros((1, 33, 50, 3)),
-                     method=lambda m, x: m.backbone(x, False))
+  images = jax.ShapeDtypeStruct((1, 33, 50, 3), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), images)
+  maps = jax.eval_shape(lambda v, x: model.apply(
+      v, x, method=lambda m, x: m.backbone(x, False)), variables, images)
   assert [m.shape[1:3] for m in maps] == [(9, 13), (5, 7), (3, 4), (2, 2)]
 
 
@@ -53,7 +54,8 @@ def test_parameter_tree_and_groups():
   """The whole decode head is `classifier` (the optimiser's 10x group, as
   DAFormer's head); the encoder has no BatchNorm, the head one."""
   model = models.create_model('segformer_mit_demo', 7)
-  variables = models.init_variables(model, jax.random.key(0))
+  variables = jax.eval_shape(
+      lambda: models.init_variables(model, jax.random.key(0)))
   assert set(variables['params']) == {'backbone', 'classifier'}
   assert jax.tree.map(np.shape, variables['batch_stats']) == {
       'classifier': {'fuse_bn': {'mean': (128,), 'var': (128,)}}}
@@ -71,13 +73,17 @@ def test_drop_path_and_dropout_only_under_train():
   variables = models.init_variables(model, jax.random.key(0))
   images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
   plain = models.create_model('segformer_mit_demo', 5)
-  evaluated = model.apply(variables, images)
+  evaluated = jax.jit(model.apply)(variables, images)
   assert np.array_equal(evaluated['logits'],
-                        plain.apply(variables, images)['logits'])
+                        jax.jit(plain.apply)(variables, images)['logits'])
 
-  def train(key):
+  @jax.jit
+  def train_logits(key):
     return model.apply(variables, images, train=True,
-                       rngs={'dropout': jax.random.key(key)})['logits']
+                       rngs={'dropout': key})['logits']
+
+  def train(seed):
+    return train_logits(jax.random.key(seed))
   np.testing.assert_array_equal(train(2), train(2))   # the key decides
   assert not np.allclose(train(2), train(3))
   assert not np.allclose(train(2), evaluated['logits'])
@@ -100,10 +106,11 @@ def test_remat_keeps_values_and_gradients():
   def loss(model):
     return lambda p: (model.apply({**variables, 'params': p},
                                  images)['logits'] ** 2).mean()
-  np.testing.assert_allclose(jax.grad(loss(remat))(variables['params'])[
-      'backbone']['stage1_0']['ffn']['fc1']['kernel'],
-      jax.grad(loss(plain))(variables['params'])['backbone']['stage1_0'][
-          'ffn']['fc1']['kernel'], rtol=1e-5, atol=1e-7)
+  def fc1_gradient(model):
+    return jax.jit(jax.grad(loss(model)))(variables['params'])['backbone'][
+        'stage1_0']['ffn']['fc1']['kernel']
+  np.testing.assert_allclose(fc1_gradient(remat), fc1_gradient(plain),
+                             rtol=1e-5, atol=1e-7)
   with pytest.raises(ValueError, match='groups'):
     models.create_model('segformer_mit_demo', 5, remat='groups')
 
